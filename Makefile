@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make book   build the static website into _build/html
+#   make test   run every test (package unit tests, every notebook under nbval, the book build)
+# Both create a project-local virtual environment in .venv from constraints.txt on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export GRADBOOK_PROGRESS ?= 0
+
+.PHONY: book test clean benchmark constraints
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test]"
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/jupyter-book build . -W -n --keep-going
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+# Re-pin constraints.txt from the current environment (after changing a range in pyproject.toml).
+constraints: $(STAMP)
+	{ head -n 2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
+	  | grep -v '^-e ' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
+
+clean:
+	rm -rf _build

@@ -1,0 +1,107 @@
+"""Tasks to train on, made in code or shipped inside a PyPI package: nothing is downloaded.
+
+* :func:`digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), which ship inside
+  scikit-learn itself.
+* :func:`teacher`: a regression task whose targets come from a random "teacher" network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import activations as _acts
+from ._checks import choice, positive_int
+
+__all__ = ["Task", "digits", "teacher"]
+
+
+@dataclass
+class Task:
+    """A supervised task: train and test tensors and the kind of loss it calls for."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    kind: str  # "classification" (integer labels, cross-entropy) or "regression" (float targets, MSE)
+
+    @property
+    def in_dim(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        if self.kind == "classification":
+            return int(max(self.y_train.max(), self.y_test.max())) + 1
+        return self.y_train.shape[1]
+
+    def batch(self, size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random training batch of ``size`` examples (with replacement across batches)."""
+        idx = torch.randint(len(self.x_train), (positive_int("batch size", size),), generator=generator)
+        return self.x_train[idx], self.y_train[idx]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Task":
+        """A copy on ``device`` with floating inputs (and regression targets) cast to ``dtype``."""
+        def move(t, is_input):
+            t = t.to(device) if device is not None else t
+            if dtype is not None and t.is_floating_point() and (is_input or self.kind == "regression"):
+                t = t.to(dtype)
+            return t
+        return Task(self.name, move(self.x_train, True), move(self.y_train, False),
+                    move(self.x_test, True), move(self.y_test, False), self.kind)
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction!r}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def digits(scale: str = "standardize", test_fraction: float = 0.25, split_seed: int = 0) -> Task:
+    """scikit-learn's 8x8 digits as a 64-input, 10-class task.
+
+    ``scale="standardize"`` gives each pixel zero mean and unit variance on the training set (constant
+    pixels are left at 0); ``scale="unit"`` divides by 16 into [0, 1], as Glorot & Bengio's inputs.
+    The train/test split is fixed by ``split_seed``, not by the book's seed, so that every run is
+    scored on the same test images.
+    """
+    from sklearn.datasets import load_digits
+
+    choice("scale", scale, ["standardize", "unit"])
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    train, test = _split(len(x), test_fraction, split_seed)
+    if scale == "unit":
+        x = x / 16.0
+    else:
+        mu, sd = x[train].mean(0), x[train].std(0)
+        x = (x - mu) / np.where(sd > 0, sd, 1.0)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return Task("digits", t(x[train]), t(y[train]).long(), t(x[test]), t(y[test]).long(), "classification")
+
+
+def teacher(n_train: int = 2048, n_test: int = 512, in_dim: int = 16, out_dim: int = 1, width: int = 32,
+            depth: int = 2, activation: str = "tanh", noise: float = 0.0, seed: int = 0) -> Task:
+    """Regression on targets y = f(x) + noise, where f is a random ``depth``-layer teacher MLP.
+
+    Inputs are x ~ N(0, I). The teacher has LeCun-normal weights (Var W = 1/fan_in) and the given
+    activation, so its outputs have order-one variance; it is drawn from ``seed`` alone.
+    """
+    for name, v in [("n_train", n_train), ("n_test", n_test), ("in_dim", in_dim), ("out_dim", out_dim),
+                    ("width", width), ("depth", depth)]:
+        positive_int(name, v)
+    act = _acts.get(activation)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, in_dim, generator=g)
+    h, n_in = x, in_dim
+    for _ in range(depth):
+        w = torch.randn(n_in, width, generator=g) / n_in**0.5
+        h, n_in = act(h @ w), width
+    y = h @ (torch.randn(n_in, out_dim, generator=g) / n_in**0.5)
+    y = y + noise * torch.randn(y.shape, generator=g)
+    return Task(f"teacher-{activation}", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "regression")

@@ -1,0 +1,197 @@
+"""The networks the book studies: a plain MLP and a vanilla (Elman) RNN, both small and inspectable.
+
+>>> import gradbook as gb
+>>> net = gb.mlp(depth=20, width=64, activation="sigmoid", init="standard")
+>>> len(net.layers), net.layers[0].linear       # hidden layers, addressed in order
+(20, Linear(in_features=64, out_features=64, bias=True))
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import activations as _acts
+from . import init as _init
+from ._checks import choice, positive_int
+
+__all__ = ["MLP", "Block", "ElmanRNN", "mlp", "rnn", "set_largest_singular_value", "set_spectral_radius"]
+
+NORMS = [None, "batch", "layer"]
+
+
+def _initializer(init: str | Callable, init_kwargs: dict | None) -> Callable:
+    """A function weight -> weight from an init name (see :mod:`gradbook.init`) or a callable."""
+    kwargs = dict(init_kwargs or {})
+    if callable(init):
+        return lambda w: init(w, **kwargs)
+    fn = _init.get(init)
+    if init == "normal" and "std" not in kwargs:
+        raise ValueError("init 'normal' needs init_kwargs={'std': ...}, the standard deviation of the weights")
+    return lambda w: fn(w, **kwargs)
+
+
+class Block(nn.Module):
+    """One hidden layer: ``linear`` -> optional ``norm`` -> ``act``, with an optional identity skip."""
+
+    def __init__(self, linear: nn.Linear, norm: nn.Module, act: nn.Module, residual: bool):
+        super().__init__()
+        self.linear, self.norm, self.act, self.residual = linear, norm, act, residual
+
+    def forward(self, x):
+        h = self.act(self.norm(self.linear(x)))
+        return x + h if self.residual else h
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron: ``layers`` (a ModuleList of :class:`Block`) then an optional ``readout``."""
+
+    def __init__(self, layers: list[Block], readout: nn.Linear | None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.readout = readout
+
+    def hidden(self, x) -> list[torch.Tensor]:
+        """Every hidden layer's output, in order."""
+        outs = []
+        for block in self.layers:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.readout(x) if self.readout is not None else x
+
+
+def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable = "he", *,
+        in_dim: int | None = None, out_dim: int | None = None, norm: str | None = None,
+        residual: bool = False, bias: bool = True, init_kwargs: dict | None = None) -> MLP:
+    """A ``depth``-layer MLP of ``width`` units per hidden layer.
+
+    Parameters
+    ----------
+    depth, width : int
+        Number of hidden layers (each Linear -> [norm] -> activation) and units in each.
+    activation : str
+        One of :func:`gradbook.activations.names`.
+    init : str or callable
+        One of :func:`gradbook.init.names`, applied to every weight (readout included), or a function
+        ``weight -> weight``; ``init_kwargs`` are passed on (e.g. ``{"std": 0.1}`` for ``"normal"``).
+        Biases start at zero.
+    in_dim, out_dim : int, optional
+        Input size (default ``width``) and the size of a final Linear readout (default: no readout).
+    norm : None, "batch" or "layer"
+        Normalization after each hidden Linear (Ioffe & Szegedy 2015; Ba et al. 2016). With batch
+        norm the Linear has no bias, which the norm's shift makes redundant.
+    residual : bool
+        Add the block's input to its output wherever the sizes match (He et al. 2016).
+    """
+    positive_int("depth", depth)
+    positive_int("width", width)
+    act = _acts.get(activation)
+    choice("norm", norm, NORMS)
+    in_dim = width if in_dim is None else positive_int("in_dim", in_dim)
+    init_fn = _initializer(init, init_kwargs)
+
+    def linear(n_in, n_out, with_bias):
+        layer = nn.Linear(n_in, n_out, bias=with_bias)
+        init_fn(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+        return layer
+
+    blocks = []
+    for i in range(depth):
+        n_in = in_dim if i == 0 else width
+        norm_mod = {None: nn.Identity, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[norm]
+        blocks.append(Block(linear(n_in, width, bias and norm != "batch"),
+                            norm_mod(width) if norm else nn.Identity(),
+                            act.module(), residual and n_in == width))
+    readout = linear(width, positive_int("out_dim", out_dim), bias) if out_dim is not None else None
+    return MLP(blocks, readout)
+
+
+class ElmanRNN(nn.Module):
+    """A vanilla RNN, h_t = phi(W_in x_t + W_rec h_{t-1} + b), with an optional readout of h_T.
+
+    ``input`` and ``recurrent`` are the two Linear maps (``recurrent.weight`` is W_rec);
+    :meth:`states` returns every h_t, so gradients through time can be measured.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int | None, activation: str):
+        super().__init__()
+        self.input = nn.Linear(input_size, hidden_size)
+        self.recurrent = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.act = _acts.get(activation).module()
+        self.readout = nn.Linear(hidden_size, output_size) if output_size is not None else None
+
+    def states(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """[h_1, ..., h_T] for an input of shape (batch, T, input_size)."""
+        if x.dim() != 3:
+            raise ValueError(f"an RNN input must have shape (batch, time, features), got {tuple(x.shape)}")
+        h = h0 if h0 is not None else x.new_zeros(x.shape[0], self.recurrent.in_features)
+        drive = self.input(x)  # all time steps at once
+        out = []
+        for t in range(x.shape[1]):
+            h = self.act(drive[:, t] + self.recurrent(h))
+            out.append(h)
+        return out
+
+    def forward(self, x, h0=None):
+        h_last = self.states(x, h0)[-1]
+        return self.readout(h_last) if self.readout is not None else h_last
+
+
+def set_largest_singular_value(weight: torch.Tensor, value: float) -> torch.Tensor:
+    """Rescale ``weight`` in place so that its largest singular value is ``value``."""
+    with torch.no_grad():
+        return weight.mul_(value / torch.linalg.matrix_norm(weight.double(), ord=2).item())
+
+
+def set_spectral_radius(weight: torch.Tensor, value: float) -> torch.Tensor:
+    """Rescale a square ``weight`` in place so that its largest |eigenvalue| is ``value``."""
+    with torch.no_grad():
+        radius = torch.linalg.eigvals(weight.double()).abs().max().item()
+        return weight.mul_(value / radius)
+
+
+RECURRENT_INITS = _init.names() + ["identity"]
+
+
+def rnn(input_size: int, hidden_size: int, output_size: int | None = None, activation: str = "tanh", *,
+        recurrent_init: str = "orthogonal", recurrent_gain: float = 1.0, input_init: str = "xavier_uniform",
+        init_kwargs: dict | None = None) -> ElmanRNN:
+    """A vanilla (Elman) RNN with a chosen recurrent initialization.
+
+    Parameters
+    ----------
+    recurrent_init : str
+        Any name in :func:`gradbook.init.names`, or ``"identity"`` (Le, Jaitly & Hinton 2015).
+    recurrent_gain : float
+        Multiplies W_rec after initialization: for ``"orthogonal"`` and ``"identity"`` it is every
+        singular value of W_rec, the dial of Pascanu et al. (2013). See also
+        :func:`set_largest_singular_value` and :func:`set_spectral_radius`.
+    input_init : str
+        Initializer of the input weights; biases start at zero.
+    """
+    positive_int("input_size", input_size)
+    positive_int("hidden_size", hidden_size)
+    choice("recurrent_init", recurrent_init, RECURRENT_INITS)
+    net = ElmanRNN(input_size, hidden_size, output_size, activation)
+    _initializer(input_init, None)(net.input.weight)
+    nn.init.zeros_(net.input.bias)
+    w = net.recurrent.weight
+    if recurrent_init == "identity":
+        with torch.no_grad():
+            w.copy_(torch.eye(hidden_size))
+    else:
+        _initializer(recurrent_init, init_kwargs)(w)
+    with torch.no_grad():
+        w.mul_(recurrent_gain)
+    if net.readout is not None:
+        _init.xavier_uniform(net.readout.weight)
+        nn.init.zeros_(net.readout.bias)
+    return net

@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("GRADBOOK_PROGRESS", "0")

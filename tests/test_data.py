@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+
+import gradbook as gb
+
+
+def test_digits_ships_with_scikit_learn_and_splits_reproducibly():
+    task = gb.data.digits()
+    assert task.in_dim == 64 and task.out_dim == 10 and task.kind == "classification"
+    assert len(task.x_train) + len(task.x_test) == 1797
+    torch.testing.assert_close(task.x_test, gb.data.digits().x_test)
+    # standardized on the training set
+    assert np.allclose(task.x_train.mean(0).numpy(), 0, atol=1e-5)
+    sd = task.x_train.std(0, unbiased=False).numpy()
+    assert np.all((np.abs(sd - 1) < 1e-4) | (sd == 0))
+    unit = gb.data.digits(scale="unit")
+    assert unit.x_train.min() >= 0 and unit.x_train.max() <= 1
+
+
+def test_batches_come_from_the_training_set_and_follow_the_generator():
+    task = gb.data.digits()
+    x1, y1 = task.batch(32, torch.Generator().manual_seed(5))
+    x2, y2 = task.batch(32, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(x1, x2)
+    assert x1.shape == (32, 64) and y1.dtype == torch.long
+
+
+def test_teacher_task_is_deterministic_and_order_one():
+    a, b = gb.data.teacher(seed=3), gb.data.teacher(seed=3)
+    torch.testing.assert_close(a.y_train, b.y_train)
+    assert a.kind == "regression" and a.out_dim == 1
+    assert 0.05 < a.y_train.var().item() < 5
+
+
+def test_task_to_casts_inputs_but_not_labels():
+    task = gb.data.digits().to(dtype=torch.float64)
+    assert task.x_train.dtype == torch.float64 and task.y_train.dtype == torch.long
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="'minmax'"):
+        gb.data.digits(scale="minmax")
+    with pytest.raises(ValueError, match="test_fraction"):
+        gb.data.digits(test_fraction=1.5)
+    with pytest.raises(ValueError, match="width"):
+        gb.data.teacher(width=0)

@@ -1,0 +1,110 @@
+"""The project's set-up stays honest: pins agree with ranges, environment.yml with pyproject, notebooks clean."""
+import json
+import pathlib
+import re
+import tomllib
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _pyproject_requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    return {canonicalize_name(Requirement(r).name): Requirement(r) for r in reqs}
+
+
+def _environment_requirements() -> dict[str, Requirement]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return {canonicalize_name(Requirement(r).name): Requirement(r) for r in pip}
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt line {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    py, env = _pyproject_requirements(), _environment_requirements()
+    assert sorted(py) == sorted(env), f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
+    for name in py:
+        assert py[name].specifier == env[name].specifier, \
+            f"{name}: pyproject says {py[name].specifier}, environment.yml says {env[name].specifier}"
+
+
+def test_environment_yml_python_matches_requires_python():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert python.removeprefix("python") == requires
+
+
+def test_constraints_pin_every_dependency_within_its_range():
+    pins = _constraints()
+    for name, req in _pyproject_requirements().items():
+        assert name in pins, f"{name} is a dependency but constraints.txt does not pin it"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's range {req.specifier}"
+
+
+def test_torch_is_pinned_to_the_cpu_build_version():
+    assert _constraints()["torch"] == "2.13.0"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^\s*(make \w+)\s*$", readme, flags=re.M)
+    assert commands[:2] == ["make book", "make test"], commands
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, flags=re.M)
+
+
+def _notebooks():
+    return sorted(p for p in (ROOT / "book").rglob("*.ipynb") if "_build" not in p.parts
+                  and ".ipynb_checkpoints" not in p.parts)
+
+
+def test_there_are_notebooks():
+    assert _notebooks()
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_is_committed_clean(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path.name} cell {i} carries outputs: clear them before committing"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} carries an execution count"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_asserts_its_claims_in_hidden_cells(path):
+    nb = json.loads(path.read_text())
+    hidden = [c for c in nb["cells"] if c["cell_type"] == "code" and "remove-cell" in c["metadata"].get("tags", [])]
+    assert any("assert" in "".join(c["source"]) for c in hidden), f"{path.name} has no hidden test cell"
+
+
+def test_every_toc_file_exists_and_every_book_page_is_in_the_toc():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part["chapters"]]
+    for f in files:
+        assert any((ROOT / f).with_suffix(s).exists() for s in (".md", ".ipynb")), f"{f} is in _toc.yml but missing"
+    pages = {str(p.relative_to(ROOT).with_suffix("")) for p in _notebooks()}
+    pages |= {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*.md")}
+    assert pages <= set(files), f"pages not in _toc.yml: {pages - set(files)}"
