@@ -9,8 +9,8 @@ Two entry points:
 What is measured, per *layer* (every Linear, Conv, RNN, Bilinear or Embedding module that has a
 trainable parameter, in registration order):
 
-* ``weight_grad_norm``: the norm of dL/dW over the layer's weight tensors (biases excluded), from this
-  backward pass alone (not the accumulated ``.grad``);
+* ``weight_grad_norm``: the norm of dL/dW over the layer's weight tensors (biases excluded), read from
+  ``.grad`` when the backward pass ends;
 * ``grad_norm``: the norm of the back-propagated gradient dL/dy with respect to the layer's output y
   (the whole batch; for a module called several times in one pass, such as an RNN cell, the norm of
   all its calls together);
@@ -131,10 +131,11 @@ class _Step:
 
     def __init__(self, index: int, n_layers: int, n_acts: int):
         self.index = index
-        self.weight = None                                      # tensor (L,)
-        self.grad_sq: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-        self.out_stats: list[list[tuple]] = [[] for _ in range(n_acts)]   # (count, mean, var) per call
-        self.in_stats: list[list[tuple]] = [[] for _ in range(n_acts)]    # (saturated count, count, alive)
+        self.weight: torch.Tensor | None = None                            # (L,) norms of .grad
+        self.grad: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]   # ||dL/dy|| per call
+        self.out: list[list[tuple]] = [[] for _ in range(n_acts)]      # (count, mean, var) per call
+        self.sat: list[list[tuple]] = [[] for _ in range(n_acts)]      # (saturated count, count) per call
+        self.alive: list[torch.Tensor | None] = [None] * n_acts        # units with phi' != 0 somewhere
 
 
 _WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -151,8 +152,11 @@ class watch:
         w.trace.weight_grad_norm      # (recorded steps, layers)
 
     A *step* is a forward pass of ``model`` with gradients enabled, numbered from 0; steps 0, every,
-    2 every, ... are recorded, by their backward pass. On exit all hooks are removed, even if the loop
-    raised. A model can be watched by one ``watch`` at a time.
+    2 every, ... are recorded, through their backward pass. ``weight_grad_norm`` is the norm of each
+    weight's ``.grad`` when that backward pass ends (the step's own gradient, when the loop zeroes
+    gradients every step as usual). The per-layer hooks are attached only for recorded steps, so the
+    steps in between cost one Python call. On exit all hooks are removed, even if the loop raised. A
+    model can be watched by one ``watch`` at a time.
 
     Parameters
     ----------
@@ -172,8 +176,12 @@ class watch:
         self.level = choice("level", level, LEVELS)
         self._layers = layers(model)
         self._acts = activation_modules(model) if level == "full" else []
-        self._handles: list = []
-        self._steps: list[_Step] = []          # recorded steps not yet converted to numbers
+        self._weights = [weight_tensors(m) for _, m in self._layers]
+        self._flat_weights = [p for ws in self._weights for p in ws]
+        self._owner = [i for i, ws in enumerate(self._weights) for _ in ws]
+        self._handles: list = []        # for the whole watch
+        self._step_handles: list = []   # only while a recorded step runs its forward pass
+        self._steps: list[_Step] = []   # recorded steps not yet converted to numbers
         self._done_steps: list[int] = []
         self._done_rows: list[np.ndarray] = []
         self._count = 0
@@ -192,30 +200,20 @@ class watch:
         """Register the hooks (``with watch(...)`` does this for you)."""
         if self._attached:
             raise RuntimeError("this watch is already attached")
-        clash = next((m for m in self.model.modules() if m in _WATCHED), None)
-        if clash is not None:
+        inside = any(m in _WATCHED for m in self.model.modules())
+        around = any(self.model is m for other in list(_WATCHED) for m in other.modules())
+        if inside or around:
             raise RuntimeError("this model (or a module inside it) is already watched by gradbook; "
                                "leave the other watch first")
         _WATCHED.add(self.model)
         self._attached = True
         self._handles.append(self.model.register_forward_pre_hook(self._on_root_forward))
-        tensors, owner = [], []
-        for i, (_, m) in enumerate(self._layers):
-            for p in weight_tensors(m):
-                tensors.append(p)
-                owner.append(i)
-            if self.level == "full":
-                self._handles.append(m.register_forward_hook(self._layer_hook(i)))
-        if tensors:
-            self._owner = torch.tensor(owner)
-            self._handles.append(torch.autograd.graph.register_multi_grad_hook(tensors, self._on_weight_grads))
-        for j, (_, m, act) in enumerate(self._acts):
-            self._handles.append(m.register_forward_pre_hook(self._act_pre_hook(j, act)))
-            self._handles.append(m.register_forward_hook(self._act_hook(j)))
+        self._handles.append(self.model.register_forward_hook(self._on_root_output))
         return self
 
     def detach(self) -> None:
         """Remove every hook; safe to call twice."""
+        self._remove_step_hooks()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -224,31 +222,63 @@ class watch:
         self._attached = False
         self._current = None
 
+    def _add_step_hooks(self) -> None:
+        if self._step_handles or self.level != "full":
+            return
+        add = self._step_handles.append
+        for i, (_, m) in enumerate(self._layers):
+            add(m.register_forward_hook(self._layer_hook(i)))
+        for j, (_, m, act) in enumerate(self._acts):
+            if getattr(m, "inplace", False):   # its input is overwritten: read it before the forward
+                add(m.register_forward_pre_hook(self._act_input_hook(j, act)))
+                add(m.register_forward_hook(self._act_output_hook(j, None)))
+            else:
+                add(m.register_forward_hook(self._act_output_hook(j, act)))
+
+    def _remove_step_hooks(self) -> None:
+        for h in self._step_handles:
+            h.remove()
+        self._step_handles.clear()
+
     # -- hooks -----------------------------------------------------------------------------------
     def _on_root_forward(self, module, args):
         if not torch.is_grad_enabled():
             return
         if self._count % self.every == 0:
+            if len(self._steps) >= 64:
+                self._current = None
+                self._flush()
             self._current = _Step(self._count, len(self._layers), len(self._acts))
             self._steps.append(self._current)
-            if len(self._steps) > 64:
-                self._flush()
+            self._add_step_hooks()
         else:
             self._current = None
+            self._remove_step_hooks()
         self._count += 1
 
-    def _on_weight_grads(self, grads):
+    def _on_root_output(self, module, args, out):
         step = self._current
-        if step is None or not self._attached:
+        y = _first_tensor(out)
+        if step is None or y is None or not y.requires_grad or not self._flat_weights:
+            return None
+
+        def queue(grad):  # runs as the backward pass starts; the callback runs when it ends
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._read_weight_grads(step))
+        y.register_hook(queue)
+        return None
+
+    def _read_weight_grads(self, step: _Step) -> None:
+        if not self._attached:
             return
-        present = [(g, i) for g, i in zip(grads, self._owner.tolist()) if g is not None]
+        present = [(p.grad, i) for p, i in zip(self._flat_weights, self._owner) if p.grad is not None]
         if not present:
             return
-        norms = torch._foreach_norm([g.detach() for g, _ in present])
-        sq = torch.stack([n.float() for n in norms]) ** 2
+        norms = torch._foreach_norm([g for g, _ in present])
+        if len({n.dtype for n in norms}) > 1:      # mixed precision: compare in float32
+            norms = [n.float() for n in norms]
+        sq = torch.stack(norms) ** 2
         idx = torch.tensor([i for _, i in present], device=sq.device)
-        total = torch.zeros(len(self._layers), device=sq.device).index_add_(0, idx, sq)
-        step.weight = total if step.weight is None else step.weight + total
+        step.weight = sq.new_zeros(len(self._layers)).index_add_(0, idx, sq).sqrt()
 
     def _layer_hook(self, i: int):
         def hook(module, args, out):
@@ -259,55 +289,89 @@ class watch:
 
             def on_grad(g):
                 if self._attached:
-                    step.grad_sq[i].append(g.detach().float().pow(2).sum())
+                    step.grad[i].append(torch.linalg.vector_norm(g.detach()))
             y.register_hook(on_grad)
             return None
         return hook
 
-    def _act_pre_hook(self, j: int, act: _acts.Activation):
-        threshold = _acts.SATURATION_THRESHOLD * act.gamma
+    def _input_stats(self, step: _Step, j: int, act: _acts.Activation, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            d = act.derivative(x.detach())
+            step.sat[j].append(((d < _acts.SATURATION_THRESHOLD * act.gamma).sum(), d.numel()))
+            alive = (d != 0).reshape(x.shape[0], -1).any(0) if x.dim() > 1 else (d != 0).any().reshape(1)
+            prev = step.alive[j]
+            step.alive[j] = alive if prev is None else (prev | alive if prev.shape == alive.shape else prev)
 
+    def _act_input_hook(self, j: int, act: _acts.Activation):
         def hook(module, args):
             step = self._current
-            if step is None or not args or not isinstance(args[0], torch.Tensor):
-                return None
-            with torch.no_grad():
-                x = args[0].detach()
-                d = act.derivative(x)
-                alive = (d != 0).reshape(x.shape[0], -1).any(0) if x.dim() > 1 else (d != 0).any().reshape(1)
-                step.in_stats[j].append(((d < threshold).sum(), d.numel(), alive))
+            if step is not None and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+                self._input_stats(step, j, act, args[0])
             return None
         return hook
 
-    def _act_hook(self, j: int):
+    def _act_output_hook(self, j: int, act: _acts.Activation | None):
         def hook(module, args, out):
             step = self._current
             y = _first_tensor(out)
-            if step is None or y is None:
+            if step is None or y is None or not torch.is_grad_enabled():   # not an evaluation pass
                 return None
-            with torch.no_grad():
-                var, mean = torch.var_mean(y.detach().float(), correction=0)
-                step.out_stats[j].append((y.numel(), mean, var))
+            if act is not None and args and isinstance(args[0], torch.Tensor):
+                self._input_stats(step, j, act, args[0])
+            with torch.no_grad():   # two passes, exact; several times faster than torch.var_mean here
+                y = y.detach()
+                mean = y.mean()
+                step.out[j].append((y.numel(), mean, torch.linalg.vector_norm(y - mean) ** 2 / y.numel()))
             return None
         return hook
 
     # -- results ---------------------------------------------------------------------------------
     def _rows(self, steps: list[_Step]) -> np.ndarray:
-        """One row of numbers per step, with a single device-to-host transfer for all of them."""
+        """One row of numbers per step. Each step's tensors are packed into one vector on the device
+        (a few ops per step), all steps are moved to the CPU in one transfer, and the arithmetic
+        that combines them is done in NumPy."""
         L, A = len(self._layers), len(self._acts)
-        if not steps:
-            return np.zeros((0, 2 * L + 4 * A))
-        param = next(self.model.parameters(), None)
-        nan = torch.tensor(float("nan"), device=param.device if param is not None else "cpu")
-        rows = []
+        rows = np.full((len(steps), 2 * L + 4 * A), np.nan)
+        packed, layouts = [], []
         for s in steps:
-            w = s.weight.sqrt() if s.weight is not None else nan.expand(L)
-            g = [torch.stack(c).sum().sqrt() if c else nan for c in s.grad_sq]
-            a = [self._act_summary(s.out_stats[j], s.in_stats[j], nan) for j in range(A)]
-            by_kind = [x for k in range(4) for x in (stat[k] for stat in a)]  # mean.., std.., sat.., dead..
-            rows.append(torch.stack([*w.float().unbind(0), *(x.float() for x in g), *(x.float() for x in by_kind)])
-                        if (L or A) else nan.expand(0))
-        return torch.stack(rows).cpu().numpy().astype(float).reshape(len(steps), 2 * L + 4 * A)
+            scalars = [t for c in s.grad for t in c]
+            scalars += [t for c in s.out for _, m, v in c for t in (m, v)]
+            scalars += [k for c in s.sat for k, _ in c]
+            alive = [a for a in s.alive if a is not None]
+            parts = ([torch.stack(scalars).reshape(-1).double()] if scalars else []) + \
+                    ([s.weight.double()] if s.weight is not None else []) + \
+                    ([torch.cat(alive).double()] if alive else [])
+            if parts:
+                packed.append(torch.cat([p.to(parts[0].device) for p in parts]))
+            layouts.append((len(scalars), s.weight is not None, [a.numel() if a is not None else 0 for a in s.alive],
+                            sum(x.numel() for x in parts)))
+        flat = torch.cat([p.to(packed[0].device) for p in packed]).cpu().numpy() if packed else np.zeros(0)
+        pos = 0
+        for r, s, (k, has_w, alive_sizes, size) in zip(rows, steps, layouts):
+            vec, pos = flat[pos:pos + size], pos + size
+            it = iter(vec[:k])
+            for i, c in enumerate(s.grad):
+                norms = np.array([next(it) for _ in c])
+                if len(norms):
+                    r[L + i] = np.sqrt((norms**2).sum())
+            for j, c in enumerate(s.out):
+                mv = np.array([(n, next(it), next(it)) for n, _, _ in c]).reshape(-1, 3)
+                if len(mv):
+                    n, means, vars_ = mv.T
+                    mean = (n * means).sum() / n.sum()
+                    r[2 * L + j] = mean
+                    r[2 * L + A + j] = np.sqrt((n * (vars_ + (means - mean) ** 2)).sum() / n.sum())
+            for j, c in enumerate(s.sat):
+                counts = [next(it) for _ in c]
+                if c:
+                    r[2 * L + 2 * A + j] = sum(counts) / sum(n for _, n in c)
+            rest = vec[k:]
+            if has_w:
+                r[:L], rest = rest[:L], rest[L:]
+            for j, size_j in enumerate(alive_sizes):
+                if size_j:
+                    r[2 * L + 3 * A + j], rest = 1.0 - rest[:size_j].mean(), rest[size_j:]
+        return rows
 
     def _flush(self) -> None:
         """Convert the finished steps (all but the one in progress) and drop their tensors."""
@@ -316,26 +380,6 @@ class watch:
             self._done_steps.extend(s.index for s in finished)
             self._done_rows.append(self._rows(finished))
         self._steps = [s for s in self._steps if s is self._current]
-
-    @staticmethod
-    def _act_summary(out_stats, in_stats, nan):
-        if not out_stats:
-            return [nan, nan, nan, nan]
-        n = torch.tensor([float(c) for c, _, _ in out_stats], device=nan.device)
-        means = torch.stack([m for _, m, _ in out_stats]).to(nan.device)
-        vars_ = torch.stack([v for _, _, v in out_stats]).to(nan.device)
-        mean = (n * means).sum() / n.sum()
-        var = (n * (vars_ + (means - mean) ** 2)).sum() / n.sum()   # pooled over calls
-        if not in_stats:
-            return [mean, var.sqrt(), nan, nan]
-        sat = torch.stack([s.float() for s, _, _ in in_stats]).sum() / sum(c for _, c, _ in in_stats)
-        masks = [a for _, _, a in in_stats]
-        if all(m.shape == masks[0].shape for m in masks):
-            alive = torch.stack(masks).any(0)
-            dead = 1.0 - alive.float().mean()
-        else:
-            dead = nan
-        return [mean, var.sqrt(), sat.to(nan.device), dead.to(nan.device)]
 
     @property
     def trace(self) -> Trace:

@@ -28,7 +28,8 @@ class Divergence:
     """Where a run stopped: the step, what went non-finite, and the first layer it showed up in.
 
     ``phase`` is ``"loss"`` (the forward pass produced a non-finite loss; ``layer`` is the first
-    module, in forward order, whose output was non-finite), ``"gradient"`` (``layer`` is the one
+    module, in forward order, whose output was non-finite, or the last module if only the loss itself
+    overflowed), ``"gradient"`` (``layer`` is the one
     nearest the output whose weight gradient was non-finite, where the backward pass first met it) or
     ``"weights"`` (an update made a weight non-finite).
     """
@@ -58,6 +59,8 @@ class History:
     update_ratio : array (recorded steps, layers) or None
         ||Delta W|| / ||W|| of each layer's weights on the recorded steps.
     diverged : Divergence or None
+    clipped : bool array (steps run,)
+        Whether clipping changed each step's gradient (False on a step that diverged).
     """
 
     loss: np.ndarray
@@ -76,34 +79,41 @@ def _kind(t: torch.Tensor) -> str:
     return "nan" if torch.isnan(t).any() else "inf"
 
 
-def _forward_culprit(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    """Re-run the forward pass and name the first module whose output is non-finite."""
+def _forward_culprit(model: nn.Module, x: torch.Tensor, loss: float) -> tuple[str, str]:
+    """Re-run the forward pass and name the first module whose output is non-finite.
+
+    If every output is finite, the loss itself overflowed (say, the square of a huge output): the
+    module named is then the last one the forward pass ran, whose output fed the loss.
+    """
     found: list[tuple[str, str]] = []
+    ran: list[str] = []
     handles = []
     for name, m in model.named_modules():
         if name and not list(m.children()):
             def hook(mod, args, out, name=name):
+                ran.append(name)
                 y = _measure._first_tensor(out)
                 if not found and y is not None and not torch.isfinite(y).all():
                     found.append((name, _kind(y)))
             handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            y = _measure._first_tensor(model(x))
+            model(x)
     finally:
         for h in handles:
             h.remove()
     if found:
         return found[0]
-    return ("output", _kind(y)) if y is not None and not torch.isfinite(y).all() else ("loss", "nan")
+    return (ran[-1] if ran else type(model).__name__), ("nan" if math.isnan(loss) else "inf")
 
 
 def _nonfinite_param(model: nn.Module, grads: bool) -> tuple[str, str] | None:
-    """The parameter (by name) nearest the output whose weight or gradient is non-finite."""
-    for name, p in reversed(list(model.named_parameters())):
-        t = p.grad if grads else p
-        if t is not None and not torch.isfinite(t).all():
-            return name, _kind(t)
+    """The parameter nearest the output (by module, weight before bias) whose value or gradient is non-finite."""
+    for mod_name, m in reversed(list(model.named_modules())):
+        for p_name, p in m.named_parameters(recurse=False):
+            t = p.grad if grads else p
+            if t is not None and not torch.isfinite(t).all():
+                return (f"{mod_name}.{p_name}" if mod_name else p_name), _kind(t)
     return None
 
 
@@ -178,8 +188,9 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
             loss = loss_fn(model(x), y)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
-                diverged = Divergence(step, "loss", *_forward_culprit(model, x))
+                diverged = Divergence(step, "loss", *_forward_culprit(model, x, losses[-1]))
                 norms.append(float("nan"))
+                clipped.append(False)
                 break
             loss.backward()
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
@@ -187,6 +198,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
             if not math.isfinite(norm):  # a non-finite gradient, or finite ones whose norm overflows
                 diverged = Divergence(step, "gradient", *(_nonfinite_param(model, grads=True)
                                                           or (_largest_grad(model), "too large to represent")))
+                clipped.append(False)
                 break
             if clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_norm)
