@@ -118,6 +118,26 @@ def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module, _acts.Act
     return out
 
 
+_SAFE = (1e-15, 1e15)   # float32 norms outside this range may have lost accuracy to under/overflow
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor, accurate even for float32 gradients of 1e-20 or 1e20.
+
+    torch's float32 norm squares entries in float32, so entries below ~1e-19 underflow (a vanishing
+    gradient would read as 0) and entries above ~1e19 overflow. On the CPU, where checking a value costs
+    nothing, norms are taken in the tensor's dtype and the few outside [1e-15, 1e15] are recomputed in
+    float64; on an accelerator every norm is taken in float64, which avoids a synchronisation.
+    """
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+    for i in torch.nonzero((norms < _SAFE[0]) | (norms > _SAFE[1]) | ~torch.isfinite(norms)).flatten().tolist():
+        if tensors[i].dtype != torch.float64:
+            norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
+
+
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -273,10 +293,7 @@ class watch:
         present = [(p.grad, i) for p, i in zip(self._flat_weights, self._owner) if p.grad is not None]
         if not present:
             return
-        norms = torch._foreach_norm([g for g, _ in present])
-        if len({n.dtype for n in norms}) > 1:      # mixed precision: compare in float32
-            norms = [n.float() for n in norms]
-        sq = torch.stack(norms) ** 2
+        sq = _norms([g for g, _ in present]) ** 2
         idx = torch.tensor([i for _, i in present], device=sq.device)
         step.weight = sq.new_zeros(len(self._layers)).index_add_(0, idx, sq).sqrt()
 
@@ -289,7 +306,7 @@ class watch:
 
             def on_grad(g):
                 if self._attached:
-                    step.grad[i].append(torch.linalg.vector_norm(g.detach()))
+                    step.grad[i].append(_norms([g.detach()])[0])
             y.register_hook(on_grad)
             return None
         return hook

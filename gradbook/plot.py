@@ -61,6 +61,9 @@ def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = Non
             raise ValueError(f"this record has no {attr!r}: measure it with level='full'")
         ax.semilogy(np.arange(1, len(values) + 1), values, marker="o",
                     label=None if labels is None else labels[i])
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (1 = nearest the input)")
     ax.set_ylabel(ylabel)
     if title:

@@ -658,3 +658,18 @@ def test_trace_indexing():
         tr[4]
     with pytest.raises(IndexError):
         tr[-5]
+
+
+def test_tiny_and_huge_float32_gradients_are_measured_accurately():
+    """float32 norms square entries in float32: 1e-22 underflows and 1e20 overflows unless handled."""
+    for scale in [1e-22, 1e20]:
+        net = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Tanh(), nn.Linear(16, 4, bias=False))
+        x = torch.randn(32, 16)
+        # the loss scale sets every gradient's scale; the reference is float64 autograd on the same weights
+        loss_fn = lambda out, _t: scale * out.pow(2).sum()  # noqa: E731
+        rec = gb.gradients(net, x, None, loss_fn=loss_fn)
+        ref = copy.deepcopy(net).double()
+        (scale * ref(x.double()).pow(2).sum()).backward()
+        expected = [torch.linalg.vector_norm(m.weight.grad).item() for m in (ref[0], ref[2])]
+        np.testing.assert_allclose(rec.weight_grad_norm, expected, rtol=1e-5)
+        assert np.all(np.isfinite(rec.grad_norm)) and np.all(rec.grad_norm > 0)
