@@ -129,9 +129,15 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     nothing, norms are taken in the tensor's dtype and the few outside [1e-15, 1e15] are recomputed in
     float64; on an accelerator every norm is taken in float64, which avoids a synchronisation.
     """
+    if len(tensors) == 1 and tensors[0].device.type == "cpu":   # the common case in a tensor hook
+        n = torch.linalg.vector_norm(tensors[0])
+        if tensors[0].dtype == torch.float64 or _SAFE[0] <= n.item() <= _SAFE[1]:
+            return n.double().reshape(1)
+        return torch.linalg.vector_norm(tensors[0], dtype=torch.float64).reshape(1)
     if tensors[0].device.type != "cpu":
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
-    norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+    raw = torch._foreach_norm(tensors)
+    norms = (torch.stack(raw) if len({n.dtype for n in raw}) == 1 else torch.stack([n.double() for n in raw])).double()
     for i in torch.nonzero((norms < _SAFE[0]) | (norms > _SAFE[1]) | ~torch.isfinite(norms)).flatten().tolist():
         if tensors[i].dtype != torch.float64:
             norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
@@ -155,7 +161,7 @@ class _Step:
         self.grad: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]   # ||dL/dy|| per call
         self.out: list[list[tuple]] = [[] for _ in range(n_acts)]      # (count, mean, var) per call
         self.sat: list[list[tuple]] = [[] for _ in range(n_acts)]      # (saturated count, count) per call
-        self.alive: list[torch.Tensor | None] = [None] * n_acts        # units with phi' != 0 somewhere
+        self.alive: list[torch.Tensor | None] = [None] * n_acts        # max |phi'| of each unit so far
 
 
 _WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -312,12 +318,16 @@ class watch:
         return hook
 
     def _input_stats(self, step: _Step, j: int, act: _acts.Activation, x: torch.Tensor) -> None:
+        # Only floating-point ops: on the CPU, comparisons producing booleans are several times slower.
         with torch.no_grad():
             d = act.derivative(x.detach())
-            step.sat[j].append(((d < _acts.SATURATION_THRESHOLD * act.gamma).sum(), d.numel()))
-            alive = (d != 0).reshape(x.shape[0], -1).any(0) if x.dim() > 1 else (d != 0).any().reshape(1)
+            below = (_acts.SATURATION_THRESHOLD * act.gamma - d).sign_().clamp_min_(0).sum()  # count of d < thr
+            step.sat[j].append((below, d.numel()))
+            flat = d.reshape(x.shape[0], -1) if x.dim() > 1 else d.reshape(-1, 1)
+            peak = flat.abs().amax(0)   # max |phi'| of each unit (10x faster than an inf-norm over dim 0)
             prev = step.alive[j]
-            step.alive[j] = alive if prev is None else (prev | alive if prev.shape == alive.shape else prev)
+            step.alive[j] = peak if prev is None else \
+                (torch.maximum(prev, peak) if prev.shape == peak.shape else prev)
 
     def _act_input_hook(self, j: int, act: _acts.Activation):
         def hook(module, args):
@@ -387,7 +397,7 @@ class watch:
                 r[:L], rest = rest[:L], rest[L:]
             for j, size_j in enumerate(alive_sizes):
                 if size_j:
-                    r[2 * L + 3 * A + j], rest = 1.0 - rest[:size_j].mean(), rest[size_j:]
+                    r[2 * L + 3 * A + j], rest = (rest[:size_j] == 0).mean(), rest[size_j:]
         return rows
 
     def _flush(self) -> None:
