@@ -20,15 +20,6 @@ ATOL = 1e-9
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "linear"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One math thread: several times faster than two for these small nets (DESIGN section 6)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ---------------------------------------------------------------------------------------------
 # independent reference computations
 # ---------------------------------------------------------------------------------------------

@@ -15,15 +15,6 @@ import gradbook as gb
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One math thread: several times faster than two for these small nets (DESIGN section 6)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return gb.data.digits()
