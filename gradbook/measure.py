@@ -43,7 +43,7 @@ from torch import nn
 from . import activations as _acts
 from ._checks import choice, positive_int
 
-__all__ = ["Snapshot", "Trace", "watch", "gradients", "layers", "activation_modules", "weight_tensors",
+__all__ = ["Snapshot", "Trace", "watch", "gradients", "activations", "capture", "layers", "activation_modules", "weight_tensors",
            "update_ratios", "LAYER_TYPES", "LEVELS"]
 
 LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.RNNBase,
@@ -455,6 +455,45 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
         for p, g in zip(params, saved):
             p.grad = g
     return trace[-1]
+
+
+def activations(model: nn.Module, inputs) -> Snapshot:
+    """Activation statistics of one forward pass, with no backward pass.
+
+    Returns a :class:`Snapshot` whose ``act_mean``, ``act_std``, ``saturated`` and ``dead`` are filled
+    (the gradient fields are None). Pass a whole data set to find units that are dead on every input.
+    The model runs in its current mode (a batch-norm layer in training mode uses this batch's
+    statistics and updates its running ones).
+    """
+    with torch.enable_grad(), watch(model, every=1, level="full") as w:
+        model(inputs)
+    snap = w.trace[-1]
+    snap.weight_grad_norm = snap.grad_norm = None
+    return snap
+
+
+def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") -> torch.Tensor:
+    """The tensor entering (``what="input"``) or leaving (``"output"``) ``module`` when ``model`` runs on
+    ``inputs``, detached; for instance the pre-activations of one sigmoid layer. Runs without gradients.
+    """
+    choice("what", what, ["input", "output"])
+    if not any(m is module for m in model.modules()):
+        raise ValueError("module is not part of model")
+    seen: list[torch.Tensor] = []
+
+    def hook(mod, args, out):
+        t = args[0] if what == "input" else _first_tensor(out)
+        if not seen:
+            seen.append(t.detach().clone())
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("module was not called in the forward pass")
+    return seen[0]
 
 
 def update_ratios(before: list[torch.Tensor], model_layers: Iterable[nn.Module]) -> np.ndarray:

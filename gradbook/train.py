@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ class History:
     diverged : Divergence or None
     clipped : bool array (steps run,)
         Whether clipping changed each step's gradient (False on a step that diverged).
+    callback_steps, callback_values : array, list
+        When ``fit`` was given a ``callback``: the number of updates made before each call, and what
+        each call returned.
     """
 
     loss: np.ndarray
@@ -69,6 +73,8 @@ class History:
     update_ratio: np.ndarray | None = None
     diverged: Divergence | None = None
     clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    callback_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    callback_values: list = field(default_factory=list)
 
     @property
     def steps_run(self) -> int:
@@ -130,6 +136,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         momentum: float = 0.0, batch_size: int = 64, weight_decay: float = 0.0,
         clip_norm: float | None = None, clip_value: float | None = None, every: int = 0,
         level: str = "full", loss_fn=None, generator: torch.Generator | None = None,
+        callback: Callable[[int, nn.Module], object] | None = None, callback_every: int = 1,
         progress: bool | None = None) -> History:
     """Train ``model`` on random batches of ``task`` for ``steps`` steps.
 
@@ -149,12 +156,17 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         ``loss_fn(output, target)``; default cross-entropy for classification, MSE for regression.
     generator : torch.Generator, optional
         Draws the batches; default the global torch generator (seeded by :func:`gradbook.setup`).
+    callback : callable, optional
+        ``callback(step, model)`` is called under ``torch.no_grad()`` after every ``callback_every``
+        updates, counting from 0 (before training) to the end; its return values are kept in
+        ``History.callback_values``. Use it to follow any quantity over training.
     progress : bool, optional
         Show a progress bar (tqdm); default on unless the environment sets ``GRADBOOK_PROGRESS=0``.
     """
     from tqdm.auto import tqdm
 
     positive_int("steps", steps)
+    positive_int("callback_every", callback_every)
     non_negative("lr", lr)
     non_negative("weight_decay", weight_decay)
     non_negative("every", every)
@@ -174,6 +186,14 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
            "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)}[optimizer]()
 
     losses, norms, clipped, ratios = [], [], [], []
+    cb_steps, cb_values = [], []
+
+    def call_back(n_updates):
+        if callback is not None and n_updates % callback_every == 0:
+            with torch.no_grad():
+                cb_values.append(callback(n_updates, model))
+            cb_steps.append(n_updates)
+
     diverged = None
     layer_modules = [m for _, m in _measure.layers(model)]
     probe = _measure.watch(model, every=every, level=level) if every else None
@@ -183,6 +203,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         if probe:
             probe.attach()
         for step in range(steps):
+            call_back(step)
             x, y = task.batch(batch_size, generator)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
@@ -220,6 +241,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
             if step % max(1, steps // 100) == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             bar.update(1)
+        else:
+            call_back(steps)
     finally:
         bar.close()
         if probe:
@@ -233,7 +256,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
                                **{k: (None if getattr(trace, k) is None else getattr(trace, k)[keep])
                                   for k in _measure._ARRAYS})
     return History(np.array(losses), np.array(norms), trace, np.array(ratios) if every else None,
-                   diverged, np.array(clipped, dtype=bool))
+                   diverged, np.array(clipped, dtype=bool), np.array(cb_steps, dtype=int), cb_values)
 
 
 @torch.no_grad()

@@ -664,3 +664,33 @@ def test_tiny_and_huge_float32_gradients_are_measured_accurately():
         expected = [torch.linalg.vector_norm(m.weight.grad).item() for m in (ref[0], ref[2])]
         np.testing.assert_allclose(rec.weight_grad_norm, expected, rtol=1e-5)
         assert np.all(np.isfinite(rec.grad_norm)) and np.all(rec.grad_norm > 0)
+
+
+def test_activations_measures_a_forward_pass_only():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3), nn.Sigmoid())
+    with torch.no_grad():
+        net[0].bias[:4] = -100.0    # four units never fire
+    x = torch.randn(50, 6)
+    snap = gb.measure.activations(net, x)
+    assert snap.weight_grad_norm is None and snap.grad_norm is None
+    h = net[0](x)
+    assert snap.dead[0] == pytest.approx(4 / 10)
+    assert snap.act_mean[0] == pytest.approx(torch.relu(h).mean().item(), rel=1e-5)
+    out = net(x)
+    assert snap.act_std[1] == pytest.approx(out.std(unbiased=False).item(), rel=1e-5)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_capture_returns_what_enters_or_leaves_a_module():
+    torch.manual_seed(0)
+    net = gb.mlp(depth=3, width=5, activation="sigmoid", init="xavier_normal", in_dim=4, out_dim=2)
+    x = torch.randn(7, 4)
+    pre = gb.measure.capture(net, x, net.layers[2].act)
+    torch.testing.assert_close(pre, net.layers[2].linear(net.hidden(x)[1]))
+    post = gb.measure.capture(net, x, net.layers[2].act, what="output")
+    torch.testing.assert_close(post, torch.sigmoid(pre))
+    with pytest.raises(ValueError, match="not part of model"):
+        gb.measure.capture(net, x, nn.Tanh())
+    with pytest.raises(ValueError, match="'middle'"):
+        gb.measure.capture(net, x, net.layers[0].act, what="middle")

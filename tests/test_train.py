@@ -378,3 +378,23 @@ def test_evaluate_teacher_has_only_loss(teacher):
         ref = F.mse_loss(net(teacher.x_test), teacher.y_test).item()
     assert res["loss"] == pytest.approx(ref, rel=1e-6)
     assert not net.training                            # mode restored
+
+
+def test_callback_follows_a_quantity_over_training():
+    gb.setup(0)
+    net = gb.mlp(depth=2, width=8, activation="tanh", init="xavier_normal", in_dim=64, out_dim=10)
+    w0 = net.layers[0].linear.weight.detach().clone()
+    seen_grad_mode = []
+
+    def norm_change(step, model):
+        seen_grad_mode.append(torch.is_grad_enabled())
+        return (model.layers[0].linear.weight - w0).norm().item()
+
+    hist = gb.fit(net, gb.data.digits(), steps=25, lr=0.05, callback=norm_change, callback_every=10, progress=False)
+    assert hist.callback_steps.tolist() == [0, 10, 20]
+    assert hist.callback_values[0] == 0.0 and hist.callback_values[2] > hist.callback_values[1] > 0
+    assert not any(seen_grad_mode)
+    hist = gb.fit(net, gb.data.digits(), steps=20, lr=0.05, callback=norm_change, callback_every=10, progress=False)
+    assert hist.callback_steps.tolist() == [0, 10, 20]   # the end of training is included
+    with pytest.raises(ValueError, match="callback_every"):
+        gb.fit(net, gb.data.digits(), steps=5, callback=norm_change, callback_every=0)
