@@ -3,6 +3,7 @@
 * :func:`digits`: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), which ship inside
   scikit-learn itself.
 * :func:`teacher`: a regression task whose targets come from a random "teacher" network.
+* :func:`adding_problem`: the long-memory sequence task of Hochreiter & Schmidhuber (1997).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from . import activations as _acts
 from ._checks import choice, positive_int
 
-__all__ = ["Task", "digits", "teacher"]
+__all__ = ["Task", "digits", "teacher", "adding_problem"]
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Task:
 
     @property
     def in_dim(self) -> int:
-        return self.x_train.shape[1]
+        """Features per example (per time step, for sequence tasks)."""
+        return self.x_train.shape[-1]
 
     @property
     def out_dim(self) -> int:
@@ -105,3 +107,29 @@ def teacher(n_train: int = 2048, n_test: int = 512, in_dim: int = 16, out_dim: i
     y = h @ (torch.randn(n_in, out_dim, generator=g) / n_in**0.5)
     y = y + noise * torch.randn(y.shape, generator=g)
     return Task(f"teacher-{activation}", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "regression")
+
+
+def adding_problem(length: int = 20, n_train: int = 4096, n_test: int = 512, seed: int = 0) -> Task:
+    """The adding problem (Hochreiter & Schmidhuber 1997, experiment 4), as in Pascanu et al. (2013).
+
+    Each input is a sequence of ``length`` steps with two features: a value drawn from U[0, 1] and a
+    marker that is 1 at exactly two steps, one in each half of the sequence, and 0 elsewhere. The target
+    is the sum of the two marked values. Predicting the mean, 1, always gives a mean squared error of
+    Var(u1 + u2) = 1/6 = 0.167: a model must beat that to have learned anything.
+    """
+    positive_int("length", length)
+    if length < 2:
+        raise ValueError(f"the adding problem needs length >= 2, got {length!r}")
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    values = torch.rand(n, length, generator=g)
+    half = length // 2
+    first = torch.randint(0, half, (n,), generator=g)
+    second = torch.randint(half, length, (n,), generator=g)
+    marks = torch.zeros(n, length)
+    rows = torch.arange(n)
+    marks[rows, first] = 1.0
+    marks[rows, second] = 1.0
+    x = torch.stack([values, marks], dim=-1)
+    y = (values * marks).sum(1, keepdim=True)
+    return Task(f"adding-{length}", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "regression")

@@ -43,7 +43,7 @@ from torch import nn
 from . import activations as _acts
 from ._checks import choice, positive_int
 
-__all__ = ["Snapshot", "Trace", "watch", "gradients", "activations", "capture", "layers", "activation_modules", "weight_tensors",
+__all__ = ["Snapshot", "Trace", "watch", "gradients", "activations", "capture", "through_time", "layers", "activation_modules", "weight_tensors",
            "update_ratios", "LAYER_TYPES", "LEVELS"]
 
 LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.RNNBase,
@@ -494,6 +494,35 @@ def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") ->
     if not seen:
         raise RuntimeError("module was not called in the forward pass")
     return seen[0]
+
+
+def through_time(model, inputs: torch.Tensor, h0: torch.Tensor | None = None) -> np.ndarray:
+    """||dh_T / dh_{T-k}|| for k = 0, ..., T-1: how much the last hidden state depends on earlier ones.
+
+    ``model`` is a :class:`gradbook.nets.ElmanRNN` (anything with a ``states(inputs, h0)`` method that
+    returns the list of hidden states). Entry k is the spectral norm of the Jacobian of h_T with respect
+    to h_{T-k}, averaged over the batch: Pascanu, Mikolov & Bengio's (2013) measure of how a gradient
+    grows or vanishes through time. Computed exactly, by one batched backward pass per hidden unit.
+    """
+    if not hasattr(model, "states"):
+        raise TypeError("through_time needs a gradbook.nets.ElmanRNN (a model with a states() method); "
+                        f"got {type(model).__name__}")
+    with torch.enable_grad():
+        hs = model.states(inputs, h0)
+        last = hs[-1]
+        batch, width = last.shape
+        eye = torch.eye(width, dtype=last.dtype, device=last.device)
+        basis = eye[:, None, :].expand(width, batch, width)   # one unit vector of h_T per backward pass
+        rows = torch.autograd.grad(last, hs, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
+    out = []
+    for t in reversed(range(len(hs))):               # k = 0 is h_T itself
+        r = rows[t]
+        if r is None:
+            out.append(torch.zeros((), dtype=last.dtype))
+            continue
+        jac = r.permute(1, 0, 2)                      # (batch, unit of h_T, unit of h_t)
+        out.append(torch.linalg.matrix_norm(jac, ord=2).mean())
+    return torch.stack(out).detach().cpu().numpy().astype(float)
 
 
 def update_ratios(before: list[torch.Tensor], model_layers: Iterable[nn.Module]) -> np.ndarray:

@@ -45,3 +45,17 @@ def test_bad_arguments():
         gb.data.digits(test_fraction=1.5)
     with pytest.raises(ValueError, match="width"):
         gb.data.teacher(width=0)
+
+
+def test_adding_problem_marks_one_value_in_each_half():
+    task = gb.data.adding_problem(length=10, n_train=500, n_test=100)
+    x, y = task.x_train, task.y_train
+    assert x.shape == (500, 10, 2) and y.shape == (500, 1) and task.in_dim == 2
+    marks = x[..., 1]
+    assert torch.all(marks.sum(1) == 2)
+    assert torch.all(marks[:, :5].sum(1) == 1) and torch.all(marks[:, 5:].sum(1) == 1)
+    torch.testing.assert_close(y[:, 0], (x[..., 0] * marks).sum(1))
+    baseline = ((y - 1.0) ** 2).mean().item()            # predicting the mean: Var(u1 + u2) = 1/6
+    assert abs(baseline - 1 / 6) < 0.03
+    with pytest.raises(ValueError, match="length"):
+        gb.data.adding_problem(length=1)

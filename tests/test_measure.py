@@ -694,3 +694,32 @@ def test_capture_returns_what_enters_or_leaves_a_module():
         gb.measure.capture(net, x, nn.Tanh())
     with pytest.raises(ValueError, match="'middle'"):
         gb.measure.capture(net, x, net.layers[0].act, what="middle")
+
+
+def test_through_time_is_the_spectral_norm_of_the_jacobian():
+    torch.manual_seed(0)
+    net = gb.rnn(3, 6, activation="tanh", recurrent_gain=1.2).double()
+    x = 0.1 * torch.randn(2, 5, 3, dtype=torch.float64)
+    norms = gb.measure.through_time(net, x)
+    assert norms.shape == (5,) and norms[0] == pytest.approx(1.0)       # dh_T/dh_T = I
+    # direct: Jacobian of h_T with respect to h_2 (k = 2), example by example, by torch.autograd.functional
+    w_in, w_rec = net.input, net.recurrent.weight
+
+    def h_last_from(h2, example):
+        h = h2
+        for t in (3, 4):
+            h = torch.tanh(w_in(x[example, t]) + w_rec @ h)
+        return h
+    hs = net.states(x)
+    direct = np.mean([torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
+        lambda h: h_last_from(h, e), hs[2][e].detach()), ord=2).item() for e in range(2)])
+    assert norms[2] == pytest.approx(direct, rel=1e-10)
+
+
+def test_through_time_follows_the_recurrent_scale():
+    torch.manual_seed(1)
+    x = 0.01 * torch.randn(4, 60, 2, dtype=torch.float64)
+    small = gb.measure.through_time(gb.rnn(2, 32, recurrent_gain=0.8).double(), x)
+    assert small[-1] < 0.8 ** 50                         # Pascanu's sufficient condition: it vanishes
+    with pytest.raises(TypeError, match="ElmanRNN"):
+        gb.measure.through_time(nn.RNN(2, 4), x)

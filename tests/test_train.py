@@ -398,3 +398,14 @@ def test_callback_follows_a_quantity_over_training():
     assert hist.callback_steps.tolist() == [0, 10, 20]   # the end of training is included
     with pytest.raises(ValueError, match="callback_every"):
         gb.fit(net, gb.data.digits(), steps=5, callback=norm_change, callback_every=0)
+
+
+def test_fit_trains_an_rnn_on_sequences_with_clipping():
+    gb.setup(0)
+    task = gb.data.adding_problem(length=8, n_train=512, n_test=128)
+    net = gb.rnn(2, 16, 1)
+    hist = gb.fit(net, task, steps=60, lr=0.1, batch_size=32, clip_norm=0.5, every=20, progress=False)
+    assert hist.diverged is None and hist.steps_run == 60
+    assert hist.clipped.tolist() == (hist.grad_norm > 0.5).tolist()
+    assert hist.trace.layers == ["input", "recurrent", "readout"]
+    assert np.all(np.isfinite(hist.trace.grad_norm))     # the recurrent Linear's 8 calls are pooled
