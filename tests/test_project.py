@@ -107,10 +107,27 @@ def test_notebook_asserts_its_claims_in_hidden_cells(path):
 def test_every_toc_file_exists_and_every_book_page_is_in_the_toc():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]]
+
+    def walk(entries):
+        for e in entries:
+            files.append(e["file"])
+            walk(e.get("sections", []))
     for part in toc.get("parts", []):
-        files += [c["file"] for c in part["chapters"]]
+        walk(part["chapters"])
     for f in files:
         assert any((ROOT / f).with_suffix(s).exists() for s in (".md", ".ipynb")), f"{f} is in _toc.yml but missing"
     pages = {str(p.relative_to(ROOT).with_suffix("")) for p in _notebooks()}
-    pages |= {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").glob("*.md")}
+    pages |= {str(p.relative_to(ROOT).with_suffix("")) for p in (ROOT / "book").rglob("*.md")
+              if "_build" not in p.parts}
     assert pages <= set(files), f"pages not in _toc.yml: {pages - set(files)}"
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_figure_has_a_caption_and_alt_text(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code" and "plt.show()" in "".join(cell["source"]):
+            meta = cell["metadata"].get("mystnb", {})
+            assert meta.get("figure", {}).get("caption"), f"{path.name} cell {i}: a figure without a caption"
+            assert meta.get("figure", {}).get("name"), f"{path.name} cell {i}: a figure without a name"
+            assert meta.get("image", {}).get("alt"), f"{path.name} cell {i}: a figure without alt text"
