@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 
-from . import activations, data, init, measure, nets, plot, scratch, theory, train
+from . import activations, data, init, measure, nets, plot, scratch, theory, toys, train
 from ._book import glue
 from .measure import Snapshot, Trace, gradients, watch
 from .nets import mlp, rnn
@@ -21,7 +21,7 @@ from .train import History, evaluate, fit
 
 __version__ = "0.1.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "watch", "gradients", "fit", "evaluate", "History", "Snapshot",
-           "Trace", "activations", "data", "init", "measure", "nets", "plot", "scratch", "theory", "train",
+           "Trace", "activations", "data", "init", "measure", "nets", "plot", "scratch", "theory", "toys", "train",
            "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
