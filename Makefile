@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make book   build the static website into _build/html
 #   make test   run every test (package unit tests, every notebook under nbval, the book build)
-# Both create a project-local virtual environment in .venv from constraints.txt on first use.
+# Both create a project-local virtual environment in .venv from constraints.txt on first use, and copy
+# the web assets the site serves itself (MathJax) from npm into _vendor/ (needs Node.js and npm).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -9,17 +10,27 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export GRADBOOK_PROGRESS ?= 0
 
-.PHONY: book test clean benchmark constraints
+VENDOR := _vendor/.installed
+
+.PHONY: book test clean benchmark constraints vendor
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test]"
 	touch $(STAMP)
 
-book: $(STAMP)
+$(VENDOR): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts --silent
+	rm -rf _vendor && mkdir -p _vendor/mathjax
+	cp -r node_modules/mathjax/es5/. _vendor/mathjax/
+	touch $(VENDOR)
+
+vendor: $(VENDOR)
+
+book: $(STAMP) $(VENDOR)
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
-test: $(STAMP)
+test: $(STAMP) $(VENDOR)
 	$(BIN)/python -m pytest -n 2
 
 benchmark: $(STAMP)
@@ -31,4 +42,4 @@ constraints: $(STAMP)
 	  | grep -v '^-e ' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
-	rm -rf _build
+	rm -rf _build _vendor node_modules

@@ -43,3 +43,18 @@ def test_glued_numbers_reach_the_page(build):
 def test_citations_resolve_to_the_bibliography(build):
     page = (HTML / "book" / "gradients-through-depth.html").read_text()
     assert "bibliography.html#id" in page or "bibliography.html#" in page
+
+
+def test_pages_load_no_script_or_stylesheet_from_another_site(build):
+    """Math must render offline: MathJax (and anything else a page runs) is served by the site itself."""
+    pages = sorted(HTML.rglob("*.html"))
+    assert pages
+    for page in pages:
+        text = page.read_text()
+        external = re.findall(r'<script[^>]+src="(https?:[^"]+)"', text)
+        external += [h for h in re.findall(r'<link[^>]+href="(https?:[^"]+)"', text)
+                     if re.search(r"\.(css|js)(\?|$)", h)]
+        assert not external, f"{page.relative_to(HTML)} loads {external}"
+    mathjax = re.search(r'<script[^>]+src="([^"]*mathjax[^"]*)"', (HTML / "book" / "gradients-through-depth.html").read_text())
+    assert mathjax, "the chapter page does not load MathJax"
+    assert (HTML / "book" / mathjax.group(1).split("?")[0]).resolve().is_file()
