@@ -96,7 +96,7 @@ class Activation:
     derivative : callable
         phi'(x), same input types.
     gamma : float
-        The bound sup_x |phi'(x)|, the gamma of Pascanu et al. (2013): 1/4 for sigmoid, 1 for tanh.
+        The bound sup over x of abs(phi'(x)), the gamma of Pascanu et al. (2013): 1/4 for sigmoid, 1 for tanh.
     module : callable
         Builds the matching ``torch.nn.Module``.
     """
@@ -113,7 +113,7 @@ class Activation:
     def saturated(self, x, threshold: float = SATURATION_THRESHOLD):
         """True where phi'(x) < threshold * gamma: the unit passes back under 10% of the largest gradient.
 
-        For sigmoid and tanh these are inputs far out on either side (|x| > 3.64 and |x| > 1.82 at the
+        For sigmoid and tanh these are inputs far out on either side (abs(x) > 3.64 and abs(x) > 1.82 at the
         default threshold); for the ReLU family, the negative side; ``linear`` never saturates.
         """
         return self.derivative(_as_float(x)) < threshold * self.gamma

@@ -31,7 +31,7 @@ __all__ = ["standard", "xavier_uniform", "xavier_normal", "he", "lecun", "orthog
 
 
 def fans(weight: torch.Tensor) -> tuple[int, int]:
-    """(fan_in, fan_out) of a weight of shape (fan_out, fan_in, *kernel)."""
+    """(fan_in, fan_out) of a weight of shape ``(fan_out, fan_in, *kernel)``."""
     if weight.dim() < 2:
         raise ValueError(f"an initializer needs a weight with at least 2 dimensions, got shape {tuple(weight.shape)}")
     receptive = math.prod(weight.shape[2:])

@@ -152,7 +152,7 @@ def set_largest_singular_value(weight: torch.Tensor, value: float) -> torch.Tens
 
 
 def set_spectral_radius(weight: torch.Tensor, value: float) -> torch.Tensor:
-    """Rescale a square ``weight`` in place so that its largest |eigenvalue| is ``value``."""
+    """Rescale a square ``weight`` in place so that its largest eigenvalue modulus is ``value``."""
     with torch.no_grad():
         radius = torch.linalg.eigvals(weight.double()).abs().max().item()
         return weight.mul_(value / radius)

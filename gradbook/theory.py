@@ -120,7 +120,7 @@ def critical_sigma_w(activation: str, sigma_b: float = 0.0) -> float:
 
 
 def depth_scale(activation: str, sigma_w: float, sigma_b: float = 0.0) -> float:
-    """xi = 1 / |ln chi*|, the number of layers over which the squared gradient changes by a factor e
+    """xi = 1 / abs(ln chi*), the number of layers over which the squared gradient changes by a factor e
     at the fixed point; infinite at criticality (Schoenholz et al. 2017, with xi_nabla = -1/ln chi_1)."""
     q = fixed_point(activation, sigma_w, sigma_b)
     c = chi(activation, q, sigma_w) if math.isfinite(q) else math.inf
@@ -141,7 +141,7 @@ def init_sigma_w(init: str, fan_in: int, fan_out: int, **kwargs) -> float:
 def rnn_bounds(w_rec, activation: str) -> dict:
     """Pascanu, Mikolov & Bengio's (2013) conditions for a vanilla RNN h_t = phi(W_rec h_{t-1} + ...).
 
-    With gamma = sup |phi'| and s = the largest singular value of W_rec:
+    With gamma = sup abs(phi') and s = the largest singular value of W_rec:
 
     * ``vanishing_sufficient``: s < 1/gamma guarantees that ||dh_T/dh_t|| -> 0 exponentially;
     * ``exploding_necessary``: s > 1/gamma must hold for it to grow;

@@ -150,7 +150,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         or each entry by value (``clip_grad_value_``). The norm before clipping is in
         ``History.grad_norm`` either way.
     every : int
-        Record per-layer measurements (:func:`gradbook.watch`, at ``level``) and update ratios every
+        Record per-layer measurements (:class:`gradbook.measure.watch`, at ``level``) and update ratios every
         ``every`` steps; 0 records none.
     loss_fn : callable, optional
         ``loss_fn(output, target)``; default cross-entropy for classification, MSE for regression.
