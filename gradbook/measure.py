@@ -424,6 +424,22 @@ class watch:
         return out
 
 
+class _kept_buffers:
+    """Restore every buffer of ``model`` (BatchNorm running statistics, counters) on exit, so that a
+    measurement pass in training mode leaves the model exactly as it found it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, old in self.saved:
+                b.copy_(old)
+
+
 def _default_loss(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     if target is None:
         return output.pow(2).sum() / 2
@@ -438,14 +454,15 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
 
     The loss is ``loss_fn(model(inputs), targets)``; by default cross-entropy for integer targets,
     mean squared error for float targets, and ``sum(output^2)/2`` when there are no targets. The
-    parameters' ``.grad`` are left as they were before the call.
+    parameters' ``.grad`` and the model's buffers (BatchNorm running statistics) are left as they were
+    before the call.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None
     try:
-        with torch.enable_grad(), watch(model, every=1, level=level) as w:
+        with torch.enable_grad(), _kept_buffers(model), watch(model, every=1, level=level) as w:
             out = model(inputs)
             out = _first_tensor(out)
             loss = (loss_fn or _default_loss)(out, targets)
@@ -462,10 +479,10 @@ def activations(model: nn.Module, inputs) -> Snapshot:
 
     Returns a :class:`Snapshot` whose ``act_mean``, ``act_std``, ``saturated`` and ``dead`` are filled
     (the gradient fields are None). Pass a whole data set to find units that are dead on every input.
-    The model runs in its current mode (a batch-norm layer in training mode uses this batch's
-    statistics and updates its running ones).
+    The model runs in its current mode (a batch-norm layer in training mode normalizes with this batch's
+    statistics); its running statistics are left untouched.
     """
-    with torch.enable_grad(), watch(model, every=1, level="full") as w:
+    with torch.enable_grad(), _kept_buffers(model), watch(model, every=1, level="full") as w:
         model(inputs)
     snap = w.trace[-1]
     snap.weight_grad_norm = snap.grad_norm = None
@@ -474,7 +491,8 @@ def activations(model: nn.Module, inputs) -> Snapshot:
 
 def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") -> torch.Tensor:
     """The tensor entering (``what="input"``) or leaving (``"output"``) ``module`` when ``model`` runs on
-    ``inputs``, detached; for instance the pre-activations of one sigmoid layer. Runs without gradients.
+    ``inputs``, detached; for instance the pre-activations of one sigmoid layer. Runs without gradients,
+    in the model's current mode, and leaves its buffers (BatchNorm running statistics) untouched.
     """
     choice("what", what, ["input", "output"])
     if not any(m is module for m in model.modules()):
@@ -487,7 +505,7 @@ def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") ->
             seen.append(t.detach().clone())
     handle = module.register_forward_hook(hook)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _kept_buffers(model):
             model(inputs)
     finally:
         handle.remove()

@@ -32,7 +32,8 @@ class Divergence:
     module, in forward order, whose output was non-finite, or the last module if only the loss itself
     overflowed), ``"gradient"`` (``layer`` is the one
     nearest the output whose weight gradient was non-finite, where the backward pass first met it) or
-    ``"weights"`` (an update made a weight non-finite).
+    ``"weights"`` (the previous update made a weight non-finite; found when that weight makes the next
+    loss non-finite, or at the end of the run). Checking weights only then keeps ``fit`` cheap.
     """
 
     step: int
@@ -209,7 +210,9 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
             loss = loss_fn(model(x), y)
             losses.append(loss.item())
             if not math.isfinite(losses[-1]):
-                diverged = Divergence(step, "loss", *_forward_culprit(model, x, losses[-1]))
+                bad = _nonfinite_param(model, grads=False)   # did the previous update break a weight?
+                diverged = Divergence(step, "weights", *bad) if bad else \
+                    Divergence(step, "loss", *_forward_culprit(model, x, losses[-1]))
                 norms.append(float("nan"))
                 clipped.append(False)
                 break
@@ -233,15 +236,13 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
             opt.step()
             if record:
                 ratios.append(_measure.update_ratios(before, layer_modules))
-            bad = None if math.isfinite(torch.nn.utils.get_total_norm(params).item()) else \
-                _nonfinite_param(model, grads=False)
-            if bad:
-                diverged = Divergence(step, "weights", *bad)
-                break
             if step % max(1, steps // 100) == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             bar.update(1)
         else:
+            bad = _nonfinite_param(model, grads=False)       # the last update has no forward pass after it
+            if bad:
+                diverged = Divergence(steps - 1, "weights", *bad)
             call_back(steps)
     finally:
         bar.close()
@@ -250,7 +251,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
     if diverged is not None and (progress if progress is not None else _progress_default()):
         print(f"gradbook.fit: {diverged}")
     trace = probe.trace if probe else None
-    if trace is not None and diverged is not None and diverged.phase != "weights":
+    if trace is not None and diverged is not None and len(losses) == diverged.step + 1 \
+            and not math.isfinite(losses[-1] if diverged.phase != "gradient" else norms[-1]):
         keep = trace.steps < diverged.step  # the failed step's records are partial
         trace = _measure.Trace(trace.layers, trace.activations, trace.steps[keep],
                                **{k: (None if getattr(trace, k) is None else getattr(trace, k)[keep])

@@ -723,3 +723,15 @@ def test_through_time_follows_the_recurrent_scale():
     assert small[-1] < 0.8 ** 50                         # Pascanu's sufficient condition: it vanishes
     with pytest.raises(TypeError, match="ElmanRNN"):
         gb.measure.through_time(nn.RNN(2, 4), x)
+
+
+def test_measurements_leave_batchnorm_statistics_untouched():
+    gb.setup(0)
+    net = gb.mlp(depth=2, width=4, activation="sigmoid", in_dim=3, norm="batch", out_dim=2)
+    x = torch.randn(10, 3) + 5
+    before = [b.clone() for b in net.buffers()]
+    gb.measure.capture(net, x, net.layers[0].act)
+    gb.measure.activations(net, x)
+    gb.gradients(net, x, torch.randint(0, 2, (10,)))
+    for old, new in zip(before, net.buffers()):
+        torch.testing.assert_close(old, new)
