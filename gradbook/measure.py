@@ -31,9 +31,8 @@ receives the gradient with respect to the value before the change.
 """
 from __future__ import annotations
 
-import math
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np

@@ -8,6 +8,19 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def toc_files() -> list[str]:
+    """Every page of _toc.yml (root, chapters and their sections), as paths without suffix."""
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files, todo = [toc["root"]], [c for part in toc.get("parts", []) for c in part["chapters"]]
+    while todo:
+        entry = todo.pop(0)
+        files.append(entry["file"])
+        todo[:0] = entry.get("sections", [])
+    return files
+
+
 def chapters() -> list[pathlib.Path]:
     """Every chapter notebook of the book (not the assignments, which have tests of their own)."""
     return sorted(p for p in (ROOT / "book").rglob("*.ipynb")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from notebook_runner import toc_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
@@ -48,14 +49,7 @@ def test_citations_resolve_to_the_bibliography(build):
 def test_pages_load_no_script_or_stylesheet_from_another_site(build):
     """Math must render offline: MathJax (and anything else a page runs) is served by the site itself."""
     # the pages of the current table of contents (an old build may leave pages of removed chapters behind)
-    import yaml
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files, todo = [toc["root"]], [c for part in toc["parts"] for c in part["chapters"]]
-    while todo:
-        entry = todo.pop()
-        files.append(entry["file"])
-        todo += entry.get("sections", [])
-    pages = [HTML / f"{f}.html" for f in files] + [HTML / "search.html", HTML / "genindex.html"]
+    pages = [HTML / f"{f}.html" for f in toc_files()] + [HTML / "search.html", HTML / "genindex.html"]
     assert all(p.exists() for p in pages), [str(p) for p in pages if not p.exists()]
     for page in pages:
         text = page.read_text()

@@ -10,6 +10,7 @@ except ImportError:  # Python 3.10
 
 import pytest
 import yaml
+from notebook_runner import toc_files
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -105,15 +106,7 @@ def test_notebook_asserts_its_claims_in_hidden_cells(path):
 
 
 def test_every_toc_file_exists_and_every_book_page_is_in_the_toc():
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(entries):
-        for e in entries:
-            files.append(e["file"])
-            walk(e.get("sections", []))
-    for part in toc.get("parts", []):
-        walk(part["chapters"])
+    files = toc_files()
     for f in files:
         assert any((ROOT / f).with_suffix(s).exists() for s in (".md", ".ipynb")), f"{f} is in _toc.yml but missing"
     pages = {str(p.relative_to(ROOT).with_suffix("")) for p in _notebooks()}
