@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 import random
 
-from . import activations, data, init, measure, nets, plot, scratch, theory, toys, train
+from . import activations, data, diagnosis, init, measure, nets, plot, scratch, theory, toys, train
 from ._book import glue
+from .diagnosis import Diagnosis, diagnose
 from .measure import Snapshot, Trace, gradients, watch
-from .nets import mlp, rnn
+from .nets import lstm, mlp, rnn
 from .train import History, evaluate, fit
 
 __version__ = "0.1.0"
-__all__ = ["setup", "glue", "mlp", "rnn", "watch", "gradients", "fit", "evaluate", "History", "Snapshot",
-           "Trace", "activations", "data", "init", "measure", "nets", "plot", "scratch", "theory", "toys", "train",
+__all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
+           "History", "Snapshot", "Trace", "activations", "data", "diagnosis", "init", "measure", "nets", "plot", "scratch", "theory", "toys", "train",
            "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0

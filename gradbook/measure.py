@@ -407,6 +407,14 @@ class watch:
             self._done_rows.append(self._rows(finished))
         self._steps = [s for s in self._steps if s is self._current]
 
+    def diagnose(self, lr: float | None = None):
+        """A :class:`gradbook.diagnosis.Diagnosis` over the steps recorded so far (medians per layer).
+
+        Needs ``level="full"``. See :func:`gradbook.diagnosis.from_trace`.
+        """
+        from .diagnosis import from_trace
+        return from_trace(self.model, self.trace, lr=lr)
+
     @property
     def trace(self) -> Trace:
         """Everything recorded so far, as a :class:`Trace` of NumPy arrays."""
@@ -516,13 +524,13 @@ def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") ->
 def through_time(model, inputs: torch.Tensor, h0: torch.Tensor | None = None) -> np.ndarray:
     """||dh_T / dh_{T-k}|| for k = 0, ..., T-1: how much the last hidden state depends on earlier ones.
 
-    ``model`` is a :class:`gradbook.nets.ElmanRNN` (anything with a ``states(inputs, h0)`` method that
-    returns the list of hidden states). Entry k is the spectral norm of the Jacobian of h_T with respect
+    ``model`` is a :class:`gradbook.nets.ElmanRNN` or :class:`gradbook.nets.LSTM` (anything with a
+    ``states(inputs, h0)`` method that returns the list of states; for the LSTM, its cell states). Entry k is the spectral norm of the Jacobian of h_T with respect
     to h_{T-k}, averaged over the batch: Pascanu, Mikolov & Bengio's (2013) measure of how a gradient
     grows or vanishes through time. Computed exactly, by one batched backward pass per hidden unit.
     """
     if not hasattr(model, "states"):
-        raise TypeError("through_time needs a gradbook.nets.ElmanRNN (a model with a states() method); "
+        raise TypeError("through_time needs a gradbook.nets.ElmanRNN or LSTM (a model with a states() method); "
                         f"got {type(model).__name__}")
     with torch.enable_grad():
         hs = model.states(inputs, h0)

@@ -195,3 +195,53 @@ def rnn(input_size: int, hidden_size: int, output_size: int | None = None, activ
         _init.xavier_uniform(net.readout.weight)
         nn.init.zeros_(net.readout.bias)
     return net
+
+
+class LSTM(nn.Module):
+    """A one-layer LSTM (Hochreiter & Schmidhuber 1997) built on ``nn.LSTMCell``, with a readout of h_T.
+
+    :meth:`states` returns every cell state c_t (or hidden state h_t), so that gradients through time
+    can be measured with :func:`gradbook.measure.through_time` exactly as for :class:`ElmanRNN`. The
+    cell state's update c_t = f_t * c_{t-1} + i_t * g_t is the "constant error carousel": with the forget
+    gate f_t near 1, dc_T/dc_t stays near 1 however far apart T and t are.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int | None):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.readout = nn.Linear(hidden_size, output_size) if output_size is not None else None
+
+    def states(self, x: torch.Tensor, h0: torch.Tensor | None = None, which: str = "cell") -> list[torch.Tensor]:
+        """[c_1, ..., c_T] (``which="cell"``) or [h_1, ..., h_T] (``which="hidden"``) for (batch, T, features)."""
+        choice("which", which, ["cell", "hidden"])
+        if x.dim() != 3:
+            raise ValueError(f"an LSTM input must have shape (batch, time, features), got {tuple(x.shape)}")
+        h = h0 if h0 is not None else x.new_zeros(x.shape[0], self.cell.hidden_size)
+        c = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        out = []
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+            out.append(c if which == "cell" else h)
+        return out
+
+    def forward(self, x, h0=None):
+        h_last = self.states(x, h0, which="hidden")[-1]
+        return self.readout(h_last) if self.readout is not None else h_last
+
+
+def lstm(input_size: int, hidden_size: int, output_size: int | None = None, *, forget_bias: float = 1.0) -> LSTM:
+    """An LSTM with PyTorch's default weights and the forget gate's bias set to ``forget_bias``.
+
+    A forget-gate bias of 1 (Jozefowicz, Zaremba & Sutskever 2015) starts the gate near sigmoid(1) = 0.73
+    rather than 0.5, so the cell state remembers longer from the first step.
+    """
+    positive_int("input_size", input_size)
+    positive_int("hidden_size", hidden_size)
+    net = LSTM(input_size, hidden_size, output_size)
+    with torch.no_grad():
+        for bias in (net.cell.bias_ih, net.cell.bias_hh):   # gate order in PyTorch: input, forget, cell, output
+            bias[hidden_size:2 * hidden_size].fill_(forget_bias / 2)
+    if net.readout is not None:
+        _init.xavier_uniform(net.readout.weight)
+        nn.init.zeros_(net.readout.bias)
+    return net

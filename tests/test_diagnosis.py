@@ -1,0 +1,243 @@
+"""gb.diagnose on a labelled zoo of small models whose truth is known by construction, and on awkward modules."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradbook as gb
+from gradbook.diagnosis import THRESHOLD, log_change
+
+
+def _seq(depth, width, act, var=None, in_dim=16, out=10):
+    """nn.Sequential of Linear+act; PyTorch's default init, or weights N(0, var/fan_in) and zero biases."""
+    mods, d = [], in_dim
+    for _ in range(depth):
+        lin = nn.Linear(d, width)
+        if var is not None:
+            nn.init.normal_(lin.weight, 0, math.sqrt(var / d))
+            nn.init.zeros_(lin.bias)
+        mods += [lin, act()]
+        d = width
+    return nn.Sequential(*mods, nn.Linear(d, out))
+
+
+class _TorchLSTM(nn.Module):
+    def __init__(self, forget_bias):
+        super().__init__()
+        self.rnn, self.out = nn.LSTM(4, 32, batch_first=True), nn.Linear(32, 1)
+        with torch.no_grad():
+            for b in (self.rnn.bias_ih_l0, self.rnn.bias_hh_l0):
+                b[32:64].fill_(forget_bias / 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+class _GRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(4, 32), nn.Linear(32, 1)   # time-major: batch_first=False
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][-1])
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(32, 1)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x)).mean(1))
+
+
+def _cnn():
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def _scaled_residual(depth):
+    """He-init residual blocks whose branches are scaled by depth^-1/2 (Fixup's idea): the signal stays O(1)."""
+    net = gb.mlp(depth, 64, "relu", "he", residual=True, in_dim=16, out_dim=10)
+    with torch.no_grad():
+        for block in net.layers[1:]:
+            block.linear.weight.mul_(depth ** -0.5)
+    return net
+
+
+X = (lambda: (torch.randn(64, 16), torch.randint(0, 10, (64,))))
+SEQ = (lambda: (torch.randn(32, 50, 4) * 0.01, torch.randn(32, 1)))
+
+# name -> (truth, model factory, data factory). The truth follows from the construction:
+ZOO = {
+    # sigmoid' <= 1/4 with n Var W = 1/3: the gradient loses >= 12x per layer (Glorot & Bengio 2010)
+    "deep sigmoid, standard init": ("vanishing", lambda: gb.mlp(10, 64, "sigmoid", "standard", in_dim=16, out_dim=10), X),
+    # PyTorch's default Linear init is U(+-1/sqrt(fan_in)): n Var W = 1/3 < 1 for tanh, < 2 for ReLU
+    "tanh, PyTorch default init, depth 20": ("vanishing", lambda: _seq(20, 64, nn.Tanh), X),
+    "ReLU, PyTorch default init, depth 20": ("vanishing", lambda: _seq(20, 64, nn.ReLU), X),
+    # Xavier's variance 1/fan_in halves a ReLU signal's second moment per layer: 2^-30 (He et al. 2015)
+    "ReLU, Xavier init, depth 30": ("vanishing", lambda: gb.mlp(30, 128, "relu", "xavier_normal", in_dim=16, out_dim=10), X),
+    # tanh in the chaotic phase, sigma_w^2 = 4: chi = 1.36 per layer (mean field)
+    "tanh, sigma_w = 2, depth 30": ("exploding", lambda: _seq(30, 128, nn.Tanh, var=4.0), X),
+    # ReLU with sigma_w^2 = 4 doubles the signal's second moment per layer
+    "ReLU, sigma_w^2 = 4, depth 20": ("exploding", lambda: _seq(20, 64, nn.ReLU, var=4.0), X),
+    # He-init residual blocks without scaling: each block adds a branch as large as its input (2^20)
+    "ReLU residual, unscaled He branches, depth 20": ("exploding", lambda: gb.mlp(20, 64, "relu", "he", residual=True, in_dim=16, out_dim=10), X),
+    "vanilla RNN, sigma_max(W_rec) = 1.6": ("exploding", lambda: gb.rnn(4, 32, 1, recurrent_gain=1.6), SEQ),
+    # gamma * sigma_max = 0.6 < 1: Pascanu et al.'s sufficient condition for vanishing, 0.6^50
+    "vanilla RNN, sigma_max(W_rec) = 0.6": ("vanishing", lambda: gb.rnn(4, 32, 1, recurrent_gain=0.6), SEQ),
+    # chi = sigma_w^2 / 2 = 1 exactly
+    "ReLU, He init, depth 20": ("healthy", lambda: gb.mlp(20, 64, "relu", "he", in_dim=16, out_dim=10), X),
+    "tanh, Xavier init, depth 10": ("healthy", lambda: gb.mlp(10, 64, "tanh", "xavier_normal", in_dim=16, out_dim=10), X),
+    "sigmoid with batch norm, depth 20": ("healthy", lambda: gb.mlp(20, 64, "sigmoid", "standard", norm="batch", in_dim=16, out_dim=10), X),
+    "ReLU residual, branches scaled by depth^-1/2": ("healthy", lambda: _scaled_residual(20), X),
+    # forget gate sigmoid(3) = 0.95 on average keeps the cell state's gradient over 50 steps; with the
+    # usual bias of 1, sigmoid(1) = 0.73 and 0.73^50 = 1e-7 on the cell path: an LSTM is no cure by itself
+    "LSTM, forget-gate bias 3": ("healthy", lambda: gb.lstm(4, 32, 1, forget_bias=3.0), SEQ),
+    "nn.LSTM, forget-gate bias 3": ("healthy", lambda: _TorchLSTM(3.0), SEQ),
+    "nn.LSTM, forget-gate bias 1, 50 steps": ("vanishing", lambda: _TorchLSTM(1.0), SEQ),
+    "CNN with He init, in-place ReLU": ("healthy", _cnn, lambda: (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))),
+    "transformer encoder, 2 layers": ("healthy", _Encoder, lambda: (torch.randn(8, 10, 4), torch.randn(8, 1))),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_verdicts(name, seed):
+    truth, make, data = ZOO[name]
+    torch.manual_seed(seed)
+    model = make()
+    x, y = data()
+    d = gb.diagnose(model, x, y)
+    assert d.verdict == truth, f"{name}: {d.verdict}, {d.reason}"
+    assert (d.start is None) == (truth == "healthy")
+    assert bool(d.remedies) == (truth != "healthy")
+    assert d.verdict.upper() in d.report()
+
+
+def test_remedies_name_the_cause_and_link_chapters():
+    torch.manual_seed(0)
+    sig = gb.diagnose(gb.mlp(10, 64, "sigmoid", "standard", in_dim=16, out_dim=10), *X())
+    assert any("sigmoid" in r.action or "sigmoid" in r.reason for r in sig.remedies[:3])
+    rnn = gb.diagnose(gb.rnn(4, 32, 1, recurrent_gain=1.6), *SEQ())
+    assert rnn.remedies[0].chapter == gb.diagnosis.CHAPTERS["clipping"]
+    relu = gb.diagnose(gb.mlp(30, 128, "relu", "xavier_normal", in_dim=16, out_dim=10), *X())
+    assert any("He" in r.action for r in relu.remedies[:2]), relu.remedies
+    assert relu.start.endswith("(ReLU)")
+    # every remedy points to a chapter of the book
+    import pathlib
+    book = pathlib.Path(__file__).resolve().parents[1] / "book"
+    for d in (sig, rnn, relu):
+        for r in d.remedies:
+            assert list(book.glob(r.chapter + ".*")), r.chapter
+
+
+def test_evidence_is_per_layer_and_update_ratio_follows_lr():
+    torch.manual_seed(0)
+    net = gb.mlp(6, 32, "tanh", "xavier_normal", in_dim=16, out_dim=10)
+    x, y = X()
+    d = gb.diagnose(net, x, y, lr=0.1)
+    assert d.layers == [n for n, _ in gb.measure.layers(net)] and len(d.relative_grad) == 7
+    np.testing.assert_allclose(d.update_ratio, 0.1 * d.weight_grad_norm / d.weight_norm)
+    np.testing.assert_allclose(d.weight_norm[0], net.layers[0].linear.weight.detach().norm().item(), rtol=1e-6)
+    assert "update ratio" in d.report()
+    assert gb.diagnose(net, x, y).update_ratio is None
+    axes = d.plot()
+    assert len(axes) == 3
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_leaves_model_untouched_and_frozen_layers_are_skipped():
+    torch.manual_seed(0)
+    net = gb.mlp(5, 32, "relu", "he", norm="batch", in_dim=16, out_dim=10)
+    net.layers[0].linear.weight.requires_grad_(False)
+    x, y = X()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    d = gb.diagnose(net, x, y)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert d.verdict == "healthy"
+    # the frozen layer's bias still learns, so the layer is measured by its bias; nothing is NaN-poisoned
+    assert np.isfinite(d.depth_scales["backward"])
+
+
+def test_hooks_removed_when_forward_raises():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.lin(x)
+            raise RuntimeError("boom")
+    m = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        gb.diagnose(m, torch.randn(2, 4))
+    assert not m._forward_hooks and not m._forward_pre_hooks and not m.lin._forward_hooks
+    gb.gradients(nn.Linear(4, 4), torch.randn(2, 4))   # nothing is left "watched"
+    with gb.watch(m):
+        pass
+
+
+def test_nonfinite_gradient_is_exploding_and_named():
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[2].weight.fill_(float("inf"))
+    d = gb.diagnose(net, torch.randn(4, 4), torch.randn(4, 1))
+    assert d.verdict == "exploding" and "not finite" in d.reason and d.start is not None
+
+
+def test_time_axis_follows_batch_first():
+    torch.manual_seed(0)
+    d = gb.diagnose(_GRU(), torch.randn(50, 8, 4) * 0.1, torch.randn(8, 1))   # (time, batch, features)
+    assert d.time_grad is not None and len(d.time_grad) == 50
+    with pytest.raises(ValueError, match="time_dim must be 0 or 1"):
+        gb.diagnose(_GRU(), torch.randn(50, 8, 4), torch.randn(8, 1), time_dim=2)
+
+
+def test_bad_input_is_refused_clearly():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        gb.diagnose("net", torch.randn(2, 4))
+    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+        gb.diagnose(nn.Linear(4, 4), torch.randn(2, 4), lr=-1)
+    with pytest.raises(ValueError, match="no trainable"):
+        gb.diagnose(nn.Sequential(nn.Tanh()), torch.randn(2, 4))
+
+
+def test_watch_diagnoses_a_window_of_training():
+    torch.manual_seed(0)
+    net = gb.mlp(10, 64, "sigmoid", "standard", in_dim=16, out_dim=10)
+    x, y = X()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with gb.watch(net, every=2) as w:
+        for _ in range(6):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        d = w.diagnose(lr=0.1)
+    assert d.verdict == "vanishing" and d.update_ratio is not None
+    with gb.watch(net, level="norms") as w:
+        net(x).sum().backward()
+        with pytest.raises(ValueError, match="level='full'"):
+            w.diagnose()
+
+
+def test_log_change_is_robust_to_one_odd_entry():
+    prof = np.exp(-0.5 * np.arange(10))
+    assert log_change(prof) == pytest.approx(-4.5)
+    prof[-1] = 1e3                          # a read-out with another shape
+    assert log_change(prof) == pytest.approx(-4.5)
+    assert log_change(np.array([1.0, np.nan, 0.0])) == 0.0
+    assert THRESHOLD == 6.0
