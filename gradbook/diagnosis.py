@@ -21,7 +21,7 @@ layer, so ``depth`` layers scale it by ``chi**depth = exp(-depth / xi)`` with th
 ``xi = -1 / ln(chi)``; networks train when the depth is below about ``6 xi``. A profile whose squared
 norm changes by more than ``e**6`` end to end (a norm ratio beyond ``e**3``, about 20) is therefore
 deeper than six depth scales: that is the line drawn here, on the same footing for vanishing (a
-decrease) and exploding (an increase). :attr:`Diagnosis.depth_scales` reports how many depth scales
+decrease) and exploding (an increase). ``Diagnosis.depth_scales`` reports how many depth scales
 each profile spans, so a reader can see how close to the line a model is. A non-finite loss or
 gradient is always ``"exploding"``.
 """
@@ -277,7 +277,7 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
 
 
 def from_trace(model: nn.Module, trace: "_measure.Trace", lr: float | None = None) -> Diagnosis:
-    """A :class:`Diagnosis` over a window of training steps recorded by :class:`gradbook.watch`.
+    """A :class:`Diagnosis` over a window of training steps recorded by :class:`gradbook.measure.watch`.
 
     Each per-layer quantity is the median over the recorded steps of ``trace`` (which must have been
     recorded with ``level="full"``), so one unusual batch does not decide the verdict; the weights'
@@ -400,7 +400,7 @@ def _remedies(d: Diagnosis, model: nn.Module) -> list[Remedy]:
     # vanishing
     if d.time_grad is not None and d.depth_scales.get("time", 0) < -THRESHOLD:
         if not gated:
-            out.append(Remedy("use an LSTM or GRU (forget-gate bias about 1)",
+            out.append(Remedy("use an LSTM or GRU with a positive forget-gate bias",
                               "the gradient through time fades over the sequence", C["architectures"]))
         out.append(Remedy("initialize W_rec orthogonal (or identity-scaled) with singular values near 1",
                           "sigma_max(W_rec) < 1/gamma guarantees vanishing", C["recurrent-init"]))
@@ -417,13 +417,13 @@ def _remedies(d: Diagnosis, model: nn.Module) -> list[Remedy]:
     if relu_like and not saturated:
         out.append(Remedy("use He initialization (weights with variance 2/fan_in)",
                           "ReLU halves the signal's second moment; He's variance restores it per layer", C["xavier-he"]))
-    if squashing and not saturated:
+    if "Sigmoid" in acts and not saturated:
+        out.append(Remedy("replace sigmoid by tanh (with Xavier initialization) or ReLU (with He initialization)",
+                          "sigmoid's derivative is at most 1/4, so every sigmoid layer divides the gradient by 4 or more",
+                          C["activations"]))
+    elif squashing and not saturated:
         out.append(Remedy("use Xavier (Glorot) initialization",
                           "with variance 1/fan_in per layer the tanh signal keeps its scale", C["xavier-he"]))
-        if "Sigmoid" in acts:
-            out.append(Remedy("replace sigmoid by tanh or ReLU",
-                              "sigmoid's derivative is at most 1/4, so every layer divides the gradient by 4 or more",
-                              C["activations"]))
     if not normed and not recurrent:
         out.append(Remedy("add batch or layer normalization", "it resets the scale at every layer", C["batch-norm"]))
     out.append(Remedy("add residual connections", "an identity path carries the gradient past every layer",

@@ -164,7 +164,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
     progress : bool, optional
         Show a progress bar (tqdm); default on unless the environment sets ``GRADBOOK_PROGRESS=0``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm   # a text bar on stderr: no widget state in saved notebooks, nothing for the site to load
 
     positive_int("steps", steps)
     positive_int("callback_every", callback_every)
