@@ -171,3 +171,50 @@ def test_search_finds_gradient_clipping(browser):
         page.close()
     assert not errors and not failed, (errors, failed)
     assert any("exploding/clipping" in h for h in hits), hits
+
+
+def test_internal_links_and_anchors_resolve(build):
+    """Every relative link of every page points to a built file, and every #anchor to an id on it.
+    External links are listed in _build/external-links.txt for a person to check, never fetched."""
+    import html as _html
+    from urllib.parse import unquote, urlsplit
+
+    pages = [HTML / f"{f}.html" for f in toc_files()] + [HTML / "search.html", HTML / "genindex.html"]
+    ids: dict[pathlib.Path, set] = {}
+    broken, external = [], set()
+    for page in pages:
+        text = page.read_text()
+        for href in re.findall(r'<a\s[^>]*href="([^"]+)"', text):
+            href = _html.unescape(href)
+            parts = urlsplit(href)
+            if parts.scheme in ("http", "https"):
+                external.add(href)
+                continue
+            if parts.scheme or href.startswith("//"):   # mailto:, javascript: and the like
+                continue
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file():
+                broken.append(f"{page.relative_to(HTML)}: {href} (no such file)")
+                continue
+            if parts.fragment and target.suffix == ".html":
+                if target not in ids:
+                    ids[target] = set(re.findall(r'\sid="([^"]+)"', target.read_text()))
+                if unquote(parts.fragment) not in ids[target]:
+                    broken.append(f"{page.relative_to(HTML)}: {href} (no such anchor)")
+    (ROOT / "_build" / "external-links.txt").write_text("\n".join(sorted(external)) + "\n")
+    assert not broken, "\n".join(broken[:30])
+
+
+def test_a_rebuild_with_nothing_changed_executes_nothing(build):
+    """execute_notebooks: cache: a second build reuses every notebook's outputs."""
+    assert build.returncode == 0
+    exe = pathlib.Path(sys.executable).with_name("jupyter-book")
+    env = dict(os.environ, GRADBOOK_PROGRESS="0")
+    proc = subprocess.run([str(exe), "build", str(ROOT), "-W", "-n", "--keep-going"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    executed = re.findall(r"(\S+\.ipynb): Executing notebook", log)
+    assert not executed, f"re-executed although nothing changed: {executed}"

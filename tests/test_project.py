@@ -124,3 +124,23 @@ def test_every_figure_has_a_caption_and_alt_text(path):
             assert meta.get("figure", {}).get("caption"), f"{path.name} cell {i}: a figure without a caption"
             assert meta.get("figure", {}).get("name"), f"{path.name} cell {i}: a figure without a name"
             assert meta.get("image", {}).get("alt"), f"{path.name} cell {i}: a figure without alt text"
+
+
+# Tags a chapter may use, and what for: tests are removed, distracting code is hidden (not removed).
+ALLOWED_TAGS = {"remove-cell", "remove-input", "remove-output", "hide-input", "hide-output", "hide-cell",
+                "raises-exception", "nbval-skip"}
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_tags_are_used_consistently(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        assert tags <= ALLOWED_TAGS, f"{path.name} cell {i}: unknown tags {tags - ALLOWED_TAGS}"
+        if cell["cell_type"] == "code" and "".join(cell["source"]).lstrip().startswith("# Checks"):
+            assert "remove-cell" in tags, f"{path.name} cell {i}: a test cell must be tagged remove-cell"
+
+
+def test_every_notebook_has_the_same_kernel_spec():
+    specs = {json.dumps(json.loads(p.read_text())["metadata"].get("kernelspec"), sort_keys=True) for p in _notebooks()}
+    assert len(specs) == 1, specs
