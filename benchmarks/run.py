@@ -3,6 +3,7 @@
     python benchmarks/run.py              # both parts
     python benchmarks/run.py --notebooks  # (a) each notebook's execution time
     python benchmarks/run.py --watch      # (b) overhead of gradbook.watch over a plain training step
+    python benchmarks/run.py --diagnose   # (c) cost of one gradbook.diagnose call, in plain steps
 
 (b) uses 20 Linear(256, 256) + ReLU layers, batch 128, one math thread, and times the arms interleaved
 step by step (plain, watch(level="norms"), watch(level="full"), watch(level="full", every=10)), so that
@@ -83,14 +84,47 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
         print(f"    {k:32s} {1e3 * med:7.2f} ms   {med / plain:5.3f}x plain{extra}")
 
 
+def diagnose_cost(repeats: int = 30) -> None:
+    """One gb.diagnose call against one plain training step of the same model and batch."""
+    import torch
+
+    import gradbook as gb
+
+    gb.setup(0, style=False)
+    model = gb.mlp(depth=20, width=256, activation="relu", init="he")
+    x, y = torch.randn(128, 256), torch.randn(128, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    plain, diag = [], []
+    for i in range(repeats + 3):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        gb.diagnose(model, x, y)
+        t2 = time.perf_counter()
+        if i >= 3:
+            plain.append(t1 - t0)
+            diag.append(t2 - t1)
+    p, d = statistics.median(plain), statistics.median(diag)
+    print(f"(c) gb.diagnose on the same model: {1e3 * d:7.2f} ms, {d / p:5.2f}x one plain step ({1e3 * p:.2f} ms)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--notebooks", action="store_true")
     parser.add_argument("--watch", action="store_true")
+    parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm in (b), at least 200 for the report")
     args = parser.parse_args()
-    both = not (args.notebooks or args.watch)
+    both = not (args.notebooks or args.watch or args.diagnose)
     if args.watch or both:
         watch_overhead(args.steps)
+    if args.diagnose or both:
+        diagnose_cost()
     if args.notebooks or both:
         notebooks()

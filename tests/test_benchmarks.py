@@ -12,3 +12,9 @@ def test_watch_benchmark_runs_and_reports_every_arm():
     for arm in ["plain", "watch(level='norms')", "watch(level='full')", "every=10"]:
         assert arm in out
     assert "x plain" in out
+
+
+def test_diagnose_benchmark_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--diagnose"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "gb.diagnose" in out and "x one plain step" in out
