@@ -521,19 +521,20 @@ def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") ->
     return seen[0]
 
 
-def through_time(model, inputs: torch.Tensor, h0: torch.Tensor | None = None) -> np.ndarray:
+def through_time(model, inputs: torch.Tensor, h0: torch.Tensor | None = None, **states_kwargs) -> np.ndarray:
     """||dh_T / dh_{T-k}|| for k = 0, ..., T-1: how much the last hidden state depends on earlier ones.
 
     ``model`` is a :class:`gradbook.nets.ElmanRNN` or :class:`gradbook.nets.LSTM` (anything with a
     ``states(inputs, h0)`` method that returns the list of states; for the LSTM, its cell states). Entry k is the spectral norm of the Jacobian of h_T with respect
     to h_{T-k}, averaged over the batch: Pascanu, Mikolov & Bengio's (2013) measure of how a gradient
     grows or vanishes through time. Computed exactly, by one batched backward pass per hidden unit.
+    Extra keyword arguments go to ``states``: ``which="hidden"`` measures an LSTM's h_t instead of c_t.
     """
     if not hasattr(model, "states"):
         raise TypeError("through_time needs a gradbook.nets.ElmanRNN or LSTM (a model with a states() method); "
                         f"got {type(model).__name__}")
     with torch.enable_grad():
-        hs = model.states(inputs, h0)
+        hs = model.states(inputs, h0, **states_kwargs)
         last = hs[-1]
         batch, width = last.shape
         eye = torch.eye(width, dtype=last.dtype, device=last.device)

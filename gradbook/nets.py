@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -68,7 +69,8 @@ class MLP(nn.Module):
 
 def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable = "he", *,
         in_dim: int | None = None, out_dim: int | None = None, norm: str | None = None,
-        residual: bool = False, bias: bool = True, init_kwargs: dict | None = None) -> MLP:
+        residual: bool = False, branch_scale: float = 1.0, bias: bool = True,
+        init_kwargs: dict | None = None) -> MLP:
     """A ``depth``-layer MLP of ``width`` units per hidden layer.
 
     Parameters
@@ -88,6 +90,11 @@ def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable =
         norm the Linear has no bias, which the norm's shift makes redundant.
     residual : bool
         Add the block's input to its output wherever the sizes match (He et al. 2016).
+    branch_scale : float
+        With ``residual``, multiply the weights of every block that has a skip by this number, so the
+        branch adds less than its input: ``depth ** -0.5`` keeps the signal O(1) through the whole
+        stack, the idea behind Fixup (Zhang, Dauphin & Ma 2019); 0 starts every such block as the
+        identity.
     """
     positive_int("depth", depth)
     positive_int("width", width)
@@ -110,6 +117,15 @@ def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable =
         blocks.append(Block(linear(n_in, width, bias and norm != "batch"),
                             norm_mod(width) if norm else nn.Identity(),
                             act.module(), residual and n_in == width))
+    if not (branch_scale >= 0 and math.isfinite(branch_scale)):
+        raise ValueError(f"branch_scale must be a finite number >= 0, got {branch_scale!r}")
+    if branch_scale != 1.0:
+        if not residual:
+            raise ValueError("branch_scale scales residual branches: pass residual=True too")
+        with torch.no_grad():
+            for block in blocks:
+                if block.residual:
+                    block.linear.weight.mul_(branch_scale)
     readout = linear(width, positive_int("out_dim", out_dim), bias) if out_dim is not None else None
     return MLP(blocks, readout)
 

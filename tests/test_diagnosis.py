@@ -69,11 +69,7 @@ def _cnn():
 
 def _scaled_residual(depth):
     """He-init residual blocks whose branches are scaled by depth^-1/2 (Fixup's idea): the signal stays O(1)."""
-    net = gb.mlp(depth, 64, "relu", "he", residual=True, in_dim=16, out_dim=10)
-    with torch.no_grad():
-        for block in net.layers[1:]:
-            block.linear.weight.mul_(depth ** -0.5)
-    return net
+    return gb.mlp(depth, 64, "relu", "he", residual=True, branch_scale=depth ** -0.5, in_dim=16, out_dim=10)
 
 
 X = (lambda: (torch.randn(64, 16), torch.randint(0, 10, (64,))))

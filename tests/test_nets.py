@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -102,3 +103,30 @@ def test_lstm_states_forget_bias_and_carousel():
     keep = gb.measure.through_time(gb.lstm(3, 8, forget_bias=5.0), x)
     fade = gb.measure.through_time(gb.rnn(3, 8, recurrent_gain=0.5), x)
     assert keep[-1] > 1e3 * fade[-1]
+
+
+def test_through_time_passes_which_to_the_lstm():
+    torch.manual_seed(0)
+    net = gb.lstm(3, 8, forget_bias=1.0)
+    x = torch.randn(2, 10, 3)
+    cell = gb.measure.through_time(net, x)
+    hidden = gb.measure.through_time(net, x, which="hidden")
+    assert cell.shape == hidden.shape == (10,)
+    assert not np.allclose(cell, hidden)
+
+
+def test_branch_scale_shrinks_residual_branches_only():
+    torch.manual_seed(0)
+    a = gb.mlp(4, 16, "tanh", "xavier_normal", residual=True, in_dim=8)
+    torch.manual_seed(0)
+    b = gb.mlp(4, 16, "tanh", "xavier_normal", residual=True, in_dim=8, branch_scale=0.5)
+    assert torch.equal(a.layers[0].linear.weight, b.layers[0].linear.weight)    # 8 -> 16: no skip there
+    assert torch.allclose(0.5 * a.layers[1].linear.weight, b.layers[1].linear.weight)
+    torch.manual_seed(0)
+    z = gb.mlp(3, 16, "tanh", "xavier_normal", residual=True, branch_scale=0.0)
+    x = torch.randn(5, 16)
+    assert torch.allclose(z(x), x)                                              # tanh(0) = 0: identity
+    with pytest.raises(ValueError, match="residual=True"):
+        gb.mlp(3, 16, branch_scale=0.5)
+    with pytest.raises(ValueError, match="branch_scale must be"):
+        gb.mlp(3, 16, residual=True, branch_scale=-1)
