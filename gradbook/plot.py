@@ -41,11 +41,18 @@ def style() -> None:
 
 
 def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = None, which: str = "weight",
-                  ax=None, title: str | None = None):
+                  ax=None, title: str | None = None, predicted=None,
+                  predicted_label: str = "mean-field prediction"):
     """Per-layer gradient norms on a log axis, one line per record; layer 1 is nearest the input.
 
     ``which="weight"`` draws ||dL/dW|| per layer, ``which="backprop"`` the back-propagated ||dL/dy||.
     A :class:`~gradbook.measure.Trace` is drawn at its last recorded step. Returns the axes.
+
+    ``predicted`` overlays a theoretical profile as a dashed line: one array of per-layer norms (drawn
+    in black), or one array per record (each in its record's colour; None to skip one), for layers
+    1, 2, ... (it may be shorter than the record, e.g. without the readout). The first dashed line is
+    labelled ``predicted_label`` in the legend. ``gradbook.theory.gradient_profile`` computes such a
+    profile for ``which="backprop"``.
     """
     import matplotlib.pyplot as plt
 
@@ -61,6 +68,8 @@ def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = Non
             raise ValueError(f"this record has no {attr!r}: measure it with level='full'")
         ax.semilogy(np.arange(1, len(values) + 1), values, marker="o",
                     label=None if labels is None else labels[i])
+    if predicted is not None:
+        _overlay(ax, predicted, len(records), predicted_label)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -68,9 +77,29 @@ def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = Non
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    if labels is not None:
+    if labels is not None or predicted is not None:
         ax.legend()
     return ax
+
+
+def _overlay(ax, predicted, n_records: int, label: str) -> None:
+    """Dashed predicted profiles: one array (black), or one per record in the records' colours."""
+    one = all(p is not None and np.ndim(p) == 0 for p in predicted)   # a single profile of numbers
+    profiles = [predicted] if one else list(predicted)
+    if not one and len(profiles) != n_records:
+        raise ValueError(f"got {len(profiles)} predicted profiles for {n_records} records")
+    colours = [line.get_color() for line in ax.get_lines()[-n_records:]] if n_records else []
+    first = True
+    for i, profile in enumerate(profiles):
+        if profile is None:
+            continue
+        values = np.asarray(profile, dtype=float)
+        if values.ndim != 1 or len(values) == 0:
+            raise ValueError(f"a predicted profile must be a non-empty 1-D array, got shape {values.shape}")
+        colour = "black" if one or not colours else colours[i]
+        ax.semilogy(np.arange(1, len(values) + 1), values, linestyle="--", linewidth=1.5, color=colour,
+                    label=label if first else None)
+        first = False
 
 
 def loss_curves(*losses: np.ndarray, labels: Sequence[str] | None = None, ax=None, log: bool = True):
