@@ -12,11 +12,11 @@ export GRADBOOK_PROGRESS ?= 0
 
 VENDOR := _vendor/.installed
 
-.PHONY: book test clean benchmark constraints vendor
+.PHONY: book test clean benchmark constraints vendor release
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test,teach]"
 	touch $(STAMP)
 
 $(VENDOR): package.json package-lock.json
@@ -27,11 +27,16 @@ $(VENDOR): package.json package-lock.json
 
 vendor: $(VENDOR)
 
-book: $(STAMP) $(VENDOR)
+book: $(STAMP) $(VENDOR) release
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
-test: $(STAMP) $(VENDOR)
+test: $(STAMP) $(VENDOR) release
 	$(BIN)/python -m pytest -n 2
+
+# Student versions of the assignments (nbgrader generate_assignment) in book/assignments/release/, which the
+# website shows and git ignores; only those whose source changed are regenerated.
+release: $(STAMP)
+	$(BIN)/python book/assignments/release.py
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -43,6 +43,12 @@ def test_glued_numbers_reach_the_page(build):
     assert 'class="pasted-text"' in page, "no computed number was pasted into the prose"
 
 
+def test_no_assignment_solution_on_the_website(build):
+    assert build.returncode == 0
+    from test_assignments import check_site_has_no_solutions
+    check_site_has_no_solutions(HTML)
+
+
 def test_citations_resolve_to_the_bibliography(build):
     page = (HTML / "book" / "gradients-through-depth.html").read_text()
     assert "bibliography.html#id" in page or "bibliography.html#" in page
@@ -218,3 +224,4 @@ def test_a_rebuild_with_nothing_changed_executes_nothing(build):
     assert proc.returncode == 0, log[-3000:]
     executed = re.findall(r"(\S+\.ipynb): Executing notebook", log)
     assert not executed, f"re-executed although nothing changed: {executed}"
+
