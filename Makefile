@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(VENDOR): package.json package-lock.json
 	npm ci --no-audit --no-fund --ignore-scripts --silent
-	rm -rf _vendor && mkdir -p _vendor/mathjax
+	rm -rf _vendor && mkdir -p _vendor/mathjax _vendor/widgets
 	cp -r node_modules/mathjax/es5/. _vendor/mathjax/
+	cp node_modules/requirejs/require.js node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js _vendor/widgets/
+	cp node_modules/@jupyter-widgets/html-manager/dist/*.woff* node_modules/@jupyter-widgets/html-manager/dist/*.ttf \
+	   node_modules/@jupyter-widgets/html-manager/dist/*.eot node_modules/@jupyter-widgets/html-manager/dist/*.svg _vendor/widgets/
 	touch $(VENDOR)
 
 vendor: $(VENDOR)

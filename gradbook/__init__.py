@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 
-from . import activations, data, diagnosis, init, measure, nets, plot, scratch, theory, toys, train
+from . import activations, data, diagnosis, init, measure, nets, plot, scratch, theory, toys, train, widgets
 from ._book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import Snapshot, Trace, gradients, watch
@@ -22,7 +22,7 @@ from .train import History, evaluate, fit
 
 __version__ = "0.1.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
-           "History", "Snapshot", "Trace", "activations", "data", "diagnosis", "init", "measure", "nets", "plot", "scratch", "theory", "toys", "train",
+           "History", "Snapshot", "Trace", "activations", "data", "diagnosis", "init", "measure", "nets", "plot", "scratch", "theory", "toys", "train", "widgets",
            "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0

@@ -225,3 +225,31 @@ def test_a_rebuild_with_nothing_changed_executes_nothing(build):
     executed = re.findall(r"(\S+\.ipynb): Executing notebook", log)
     assert not executed, f"re-executed although nothing changed: {executed}"
 
+
+_SHOWN = """() => Array.from(document.querySelectorAll('.widget-box img[src^="data:image/png"]'))
+    .filter(i => i.offsetParent !== null).map(i => i.alt)"""
+
+
+def test_explorer_controls_work_without_a_kernel(browser):
+    """book/explore: the widget renderer loads from the site itself, and moving a slider or clicking a button
+    switches the precomputed figure in the browser, with no kernel (the saved widget state's jslinks)."""
+    assert "book/explore" in toc_files(), "book/explore is not in _toc.yml"
+    _, base = browser
+    page, errors, failed = _open(browser, f"{base}/book/explore.html")
+    try:
+        page.wait_for_selector('.widget-box img[src^="data:image/png"]', timeout=30000)
+        before = page.evaluate(_SHOWN)
+        assert len(before) == 3, before                         # one figure on show per explorer
+        handle = page.locator(".noUi-handle").first             # the first explorer's slider
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function(f"() => ({_SHOWN})()[0] !== {before[0]!r}", timeout=10000)
+        moved = page.evaluate(_SHOWN)
+        assert moved[1:] == before[1:], "moving one explorer's slider changed another explorer"
+        page.locator(".widget-toggle-buttons").first.locator("button").nth(1).click()
+        page.wait_for_function(f"() => ({_SHOWN})()[0] !== {moved[0]!r}", timeout=10000)
+        page.locator(".widget-box").first.screenshot(path=str(SCREENSHOTS / "book_explore_widget.png"))
+    finally:
+        page.close()
+    assert not errors and not failed, (errors, failed)
