@@ -50,3 +50,20 @@ def test_gradient_flow_draws_one_log_line_per_record_with_labelled_axes():
 
 def test_glue_returns_its_value_outside_a_book():
     assert gb.glue("x", np.float64(0.5)) == 0.5
+
+
+def test_glue_emits_exactly_what_myst_nb_reads(monkeypatch):
+    """gb.glue writes myst-nb's glue output itself (sparing the import of myst_nb); same bytes as myst-nb."""
+    import IPython
+    import IPython.display
+    import myst_nb.ext.glue as mg
+
+    ours, theirs = [], []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", lambda *a, **k: ours.append((a, k)))
+    monkeypatch.setattr(mg, "ipy_display", lambda *a, **k: theirs.append((a, k)))
+    for value in (np.float64(0.125), 3, "layers.8.linear (Linear)"):
+        gb.glue("name", value)
+        mg.glue("name", int(value) if isinstance(value, int) else (float(value) if not isinstance(value, str) else value),
+                display=False)
+    assert ours and ours == theirs
