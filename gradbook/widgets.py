@@ -18,7 +18,7 @@ In Jupyter (with a kernel)::
     gb.widgets.gradient_flow()          # displays the live explorer
 
 How it stays responsive (median update well under 0.3 s on one core, ``benchmarks/widgets.py``): small
-networks; every result cached by its dial values (:func:`functools.lru_cache`); sliders report only when
+networks; every result cached by its dial values (``functools.lru_cache``); sliders report only when
 released (``continuous_update=False``), so a dragged slider costs one update, not dozens; the figure is a
 single :class:`matplotlib.figure.Figure` (never pyplot, so nothing stacks up in the notebook) rendered to
 PNG and swapped into one ``Image`` widget, which replaces its picture without flicker. A setting that
