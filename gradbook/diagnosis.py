@@ -90,13 +90,17 @@ class Diagnosis:
     saturated: np.ndarray
     dead: np.ndarray
     time_grad: np.ndarray | None
-    change: dict[str, float]
     depth_scales: dict[str, float]
     start: str | None
     reason: str
     remedies: list[Remedy] = field(default_factory=list)
     lr: float | None = None
     nonfinite: str | None = None
+
+    @property
+    def change(self) -> dict[str, float]:
+        """The factor by which each profile's norm changes end to end: exp(depth_scales / 2)."""
+        return {k: float(np.exp(v / 2)) for k, v in self.depth_scales.items()}
 
     @property
     def update_ratio(self) -> np.ndarray | None:
@@ -209,11 +213,16 @@ def _crossing(profile: np.ndarray, sign: int) -> int | None:
     return int(keep[0] + steps) if keep[0] + steps < len(y) else None
 
 
+def _recurrent(model: nn.Module) -> list[nn.Module]:
+    """The model's recurrent modules: torch's RNN/LSTM/GRU and anything with a ``states`` method."""
+    return [m for m in model.modules() if isinstance(m, nn.RNNBase) or hasattr(m, "states")]
+
+
 def _time_dim(model: nn.Module, inputs) -> int | None:
     """The time axis of a sequence model's input, or None for models that are not sequence models."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
         return None
-    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase) or hasattr(m, "states")]
+    rnns = _recurrent(model)
     if not rnns:
         return None
     return 0 if any(isinstance(m, nn.RNNBase) and not m.batch_first for m in rnns) else 1
@@ -221,16 +230,9 @@ def _time_dim(model: nn.Module, inputs) -> int | None:
 
 def _through_time(model, inputs, targets, loss_fn, dim) -> np.ndarray:
     x = inputs.detach().clone().requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.grad for p in params]
-    try:
-        with torch.enable_grad(), _measure._kept_buffers(model):
-            out = _measure._first_tensor(model(x))
-            loss = (loss_fn or _measure._default_loss)(out, targets)
-            (g,) = torch.autograd.grad(loss, x)
-    finally:
-        for p, s in zip(params, saved):
-            p.grad = s
+    with torch.enable_grad(), _measure._kept_buffers(model):   # grad w.r.t. x only: no parameter's .grad changes
+        out = _measure._first_tensor(model(x))
+        (g,) = torch.autograd.grad((loss_fn or _measure._default_loss)(out, targets), x)
     other = [d for d in range(3) if d != dim]
     return torch.linalg.vector_norm(g.double(), dim=other).cpu().numpy()
 
@@ -267,12 +269,13 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if time_dim is not None and time_dim not in (0, 1):
         raise ValueError(f"time_dim must be 0 or 1 (the time axis of a (batch, time, features) input), got {time_dim!r}")
-    if not _measure.layers(model):
+    named = _measure.layers(model)
+    if not named:
         raise ValueError("the model has no trainable Linear, Conv, RNN or Embedding layer to diagnose")
     snap = _measure.gradients(model, inputs, targets, loss_fn)
     dim = time_dim if time_dim is not None else _time_dim(model, inputs)
     tgrad = _through_time(model, inputs, targets, loss_fn, dim) if dim is not None else None
-    return _from_evidence(model, snap.weight_grad_norm, snap.grad_norm, snap.act_std, snap.saturated,
+    return _from_evidence(model, named, snap.weight_grad_norm, snap.grad_norm, snap.act_std, snap.saturated,
                           snap.dead, tgrad, lr)
 
 
@@ -288,20 +291,20 @@ def from_trace(model: nn.Module, trace: "_measure.Trace", lr: float | None = Non
                          "watch the model with level='full'")
     if len(trace) == 0:
         raise ValueError("the trace is empty: no step has been recorded yet")
-    if trace.layers != [n for n, _ in _measure.layers(model)]:
+    named = _measure.layers(model)
+    if trace.layers != [n for n, _ in named]:
         raise ValueError("the trace was not recorded on this model (its layers differ)")
     import warnings
     with warnings.catch_warnings():   # all-NaN columns (layers never reached) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         med = {k: np.nanmedian(getattr(trace, k), axis=0) for k in ("grad_norm", "act_std", "saturated", "dead")}
-        wg = getattr(trace, "weight_grad_norm")
+        wg = trace.weight_grad_norm
         # a non-finite weight gradient on any step of the window is reported, not averaged away
         wmed = np.where(np.isfinite(wg).all(axis=0), np.nanmedian(wg, axis=0), np.inf)
-    return _from_evidence(model, wmed, med["grad_norm"], med["act_std"], med["saturated"], med["dead"], None, lr)
+    return _from_evidence(model, named, wmed, med["grad_norm"], med["act_std"], med["saturated"], med["dead"], None, lr)
 
 
-def _from_evidence(model, wgrad, gnorm, act_std, saturated, dead, tgrad, lr) -> Diagnosis:
-    named = _measure.layers(model)
+def _from_evidence(model, named, wgrad, gnorm, act_std, saturated, dead, tgrad, lr) -> Diagnosis:
     acts = _measure.activation_modules(model)
     wnorm = np.array([float(torch.sqrt(sum((w.detach().double() ** 2).sum() for w in _measure.weight_tensors(m))))
                       for _, m in named])
@@ -312,7 +315,6 @@ def _from_evidence(model, wgrad, gnorm, act_std, saturated, dead, tgrad, lr) -> 
     profiles = {"backward": rel[::-1], "forward": act_std}
     if tgrad is not None:
         profiles["time"] = tgrad[::-1]
-    change = {k: float(np.exp(log_change(v))) for k, v in profiles.items()}
     scales = {k: 2 * log_change(v) for k, v in profiles.items()}   # ln of the squared-norm change
 
     # A NaN in grad_norm can also mean "not measured" (a layer whose weights are used without calling
@@ -324,8 +326,8 @@ def _from_evidence(model, wgrad, gnorm, act_std, saturated, dead, tgrad, lr) -> 
         nonfinite = _label(named[int(np.flatnonzero(bad)[-1])])
     diag = Diagnosis("healthy", [n for n, _ in named], wgrad, wnorm, rel, np.asarray(gnorm, dtype=float),
                      [n for n, _, _ in acts], act_std, np.asarray(saturated, dtype=float),
-                     np.asarray(dead, dtype=float), tgrad, change, scales, None, "", lr=lr, nonfinite=nonfinite)
-    _decide(diag, model)
+                     np.asarray(dead, dtype=float), tgrad, scales, None, "", lr=lr, nonfinite=nonfinite)
+    _decide(diag, model, named, acts)
     return diag
 
 
@@ -334,9 +336,10 @@ def _label(pair) -> str:
     return f"{pair[0]} ({type(pair[1]).__name__})"
 
 
-def _decide(d: Diagnosis, model: nn.Module) -> None:
-    """Fill verdict, reason, start and remedies from the evidence."""
-    named, acts = _measure.layers(model), _measure.activation_modules(model)
+def _decide(d: Diagnosis, model: nn.Module, named: list, acts: list) -> None:
+    """Fill verdict, reason, start and remedies from the evidence (``named``, ``acts``: the model's
+    measured layers and activation modules, as :func:`gradbook.measure.layers` and
+    :func:`gradbook.measure.activation_modules` list them)."""
     if d.nonfinite is not None:
         d.verdict, d.start = "exploding", d.nonfinite
         d.reason = f"the gradient is not finite (first seen from the output side in {d.nonfinite})"
@@ -369,7 +372,7 @@ def _decide(d: Diagnosis, model: nn.Module) -> None:
 def _remedies(d: Diagnosis, model: nn.Module) -> list[Remedy]:
     if d.verdict == "healthy":
         return []
-    recurrent = any(isinstance(m, nn.RNNBase) or hasattr(m, "states") for m in model.modules())
+    recurrent = bool(_recurrent(model))
     gated = any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for m in model.modules())
     normed = any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) for m in model.modules())
     acts = {type(m).__name__ for m in model.modules()}

@@ -177,6 +177,13 @@ def set_spectral_radius(weight: torch.Tensor, value: float) -> torch.Tensor:
 RECURRENT_INITS = _init.names() + ["identity"]
 
 
+def _init_readout(readout: nn.Linear | None) -> None:
+    """A recurrent net's readout of h_T: Xavier-uniform weights, zero bias."""
+    if readout is not None:
+        _init.xavier_uniform(readout.weight)
+        nn.init.zeros_(readout.bias)
+
+
 def rnn(input_size: int, hidden_size: int, output_size: int | None = None, activation: str = "tanh", *,
         recurrent_init: str = "orthogonal", recurrent_gain: float = 1.0, input_init: str = "xavier_uniform",
         init_kwargs: dict | None = None) -> ElmanRNN:
@@ -207,9 +214,7 @@ def rnn(input_size: int, hidden_size: int, output_size: int | None = None, activ
         _initializer(recurrent_init, init_kwargs)(w)
     with torch.no_grad():
         w.mul_(recurrent_gain)
-    if net.readout is not None:
-        _init.xavier_uniform(net.readout.weight)
-        nn.init.zeros_(net.readout.bias)
+    _init_readout(net.readout)
     return net
 
 
@@ -257,7 +262,5 @@ def lstm(input_size: int, hidden_size: int, output_size: int | None = None, *, f
     with torch.no_grad():
         for bias in (net.cell.bias_ih, net.cell.bias_hh):   # gate order in PyTorch: input, forget, cell, output
             bias[hidden_size:2 * hidden_size].fill_(forget_bias / 2)
-    if net.readout is not None:
-        _init.xavier_uniform(net.readout.weight)
-        nn.init.zeros_(net.readout.bias)
+    _init_readout(net.readout)
     return net

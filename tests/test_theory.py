@@ -70,11 +70,7 @@ def _measured_factors(activation, init, depth, width, seeds, **init_kwargs):
     for seed in seeds:
         torch.manual_seed(seed)
         net = gb.mlp(depth, width, activation, init, init_kwargs=init_kwargs).double()
-        x = torch.randn(32, width, dtype=torch.float64)
-        r = torch.randn(32, width, dtype=torch.float64)
-        rec = gb.gradients(net, x, None, loss_fn=lambda out, _t: (out * r).sum())
-        g = rec.grad_norm**2
-        logs.append(np.log(g[:-1] / g[1:]))
+        logs.append(np.log(th.measured_factors(net, torch.randn(32, width, dtype=torch.float64))))
     return np.exp(np.mean(logs, axis=0))
 
 
