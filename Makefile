@@ -21,16 +21,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(VENDOR): package.json package-lock.json
 	npm ci --no-audit --no-fund --ignore-scripts --silent
-	rm -rf _vendor && mkdir -p _vendor/mathjax _vendor/widgets
-	cp -r node_modules/mathjax/es5/. _vendor/mathjax/
-	cp node_modules/requirejs/require.js node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js _vendor/widgets/
-	cp node_modules/@jupyter-widgets/html-manager/dist/*.woff* node_modules/@jupyter-widgets/html-manager/dist/*.ttf \
-	   node_modules/@jupyter-widgets/html-manager/dist/*.eot node_modules/@jupyter-widgets/html-manager/dist/*.svg _vendor/widgets/
+	rm -rf _vendor && mkdir -p _vendor/mathjax/input/tex _vendor/mathjax/output/chtml/fonts _vendor/widgets
+	@# MathJax: the one combined bundle the pages load and its web fonts, plus what it loads on demand (TeX
+	@# packages a page asks for; the accessibility explorer of the math menu); not the other bundles
+	cp node_modules/mathjax/es5/tex-mml-chtml.js _vendor/mathjax/
+	cp -r node_modules/mathjax/es5/output/chtml/fonts/woff-v2 _vendor/mathjax/output/chtml/fonts/
+	cp -r node_modules/mathjax/es5/input/tex/extensions _vendor/mathjax/input/tex/
+	cp -r node_modules/mathjax/es5/a11y node_modules/mathjax/es5/sre _vendor/mathjax/
+	@# the widget renderer (book/explore only) and its icon font in WOFF2, which every current browser reads
+	cp node_modules/requirejs/require.js node_modules/@jupyter-widgets/html-manager/dist/embed-amd.js \
+	   node_modules/@jupyter-widgets/html-manager/dist/*.woff2 _vendor/widgets/
 	touch $(VENDOR)
 
 vendor: $(VENDOR)
 
+# book/execute.py first runs the notebooks that changed, one per core, into the cache the build reads
 book: $(STAMP) $(VENDOR) release
+	$(BIN)/python book/execute.py
 	$(BIN)/jupyter-book build . -W -n --keep-going
 
 test: $(STAMP) $(VENDOR) release

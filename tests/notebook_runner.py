@@ -1,4 +1,5 @@
 """Run a book notebook top to bottom in a fresh kernel under a given GRADBOOK_SEED."""
+import importlib.util
 import os
 import pathlib
 
@@ -10,15 +11,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def toc_files() -> list[str]:
     """Every page of _toc.yml (root, chapters and their sections), as paths without suffix."""
-    import yaml
-
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files, todo = [toc["root"]], [c for part in toc.get("parts", []) for c in part["chapters"]]
-    while todo:
-        entry = todo.pop(0)
-        files.append(entry["file"])
-        todo[:0] = entry.get("sections", [])
-    return files
+    spec = importlib.util.spec_from_file_location("book_execute", ROOT / "book" / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.toc_files()
 
 
 def chapters() -> list[pathlib.Path]:

@@ -1,9 +1,11 @@
 """The book builds with zero warnings (`-W -n`), and the built pages carry what the chapters computed."""
+import functools
 import os
 import pathlib
 import re
 import subprocess
 import sys
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from notebook_runner import toc_files
@@ -19,6 +21,10 @@ def build():
     env = dict(os.environ, GRADBOOK_PROGRESS="0")
     # the assignment pages are the generated student versions (make release)
     subprocess.run([sys.executable, str(ROOT / "book" / "assignments" / "release.py")], check=True, timeout=600)
+    # the notebooks that changed run first, one per core, into the cache the build reads (book/execute.py)
+    execute = subprocess.run([sys.executable, str(ROOT / "book" / "execute.py")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=1800)
+    assert execute.returncode == 0, (execute.stdout + execute.stderr)[-6000:]
     proc = subprocess.run([str(exe), "build", str(ROOT), "-W", "-n", "--keep-going"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     return proc
@@ -36,6 +42,14 @@ def test_every_chapter_page_is_built(build):
     for name in ["intro", "gradients-through-depth", "bibliography"]:
         assert (HTML / "book" / f"{name}.html").exists(), f"{name}.html missing"
     assert (HTML / "index.html").exists()
+
+
+def test_the_build_executes_nothing_after_book_execute(build):
+    """book/execute.py caches every notebook exactly as the build would: the build then runs none itself."""
+    log = build.stdout + build.stderr
+    assert build.returncode == 0, log[-3000:]
+    executed = re.findall(r"(\S+\.ipynb): Executing notebook", log)
+    assert not executed, f"the build executed notebooks that book/execute.py had run: {executed}"
 
 
 def test_glued_numbers_reach_the_page(build):
@@ -127,11 +141,13 @@ def _site_pages():
     return [f"{f}.html" for f in toc_files()] + ["search.html", "genindex.html", "py-modindex.html"]
 
 
-def test_every_page_in_a_browser(browser):
-    """No console errors, no failed requests, math rendered, images loaded with alt text, sidebar links resolve."""
+@pytest.fixture(scope="module")
+def visited(browser):
+    """Every page opened once in a fresh browser context: the problems found on it, the site's files it
+    fetched, and the bytes of each (so that page weight and unread files can be reported from one visit)."""
     _, base = browser
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    problems = []
+    problems, fetched, weights = [], set(), {}
     for rel in _site_pages():
         page, errors, failed = _open(browser, f"{base}/{rel}")
         try:
@@ -158,12 +174,60 @@ def test_every_page_in_a_browser(browser):
                     target = target / "index.html"
                 if not target.is_file():
                     problems.append(f"{rel}: sidebar link does not resolve: {href}")
+            urls = page.evaluate("""() => [location.href.split('#')[0],
+                ...performance.getEntriesByType('resource').map(e => e.name)]""")
+            files = [HTML / unquote(urlsplit(u).path).lstrip("/") for u in urls if u.startswith(base + "/")]
+            fetched.update(f for f in files if f.is_file())
+            weights[rel] = [f for f in dict.fromkeys(files) if f.is_file()]
             if rel in ("book/intro.html", "book/gradients-through-depth.html", "book/summary.html",
                        "book/diagnose.html", "book/exploding/clipping.html"):
                 page.screenshot(path=str(SCREENSHOTS / rel.replace("/", "_").replace(".html", ".png")), full_page=False)
         finally:
             page.close()
+    return problems, fetched, weights
+
+
+def test_every_page_in_a_browser(visited):
+    """No console errors, no failed requests, math rendered, images loaded with alt text, sidebar links resolve."""
+    problems, _, _ = visited
     assert not problems, "\n".join(problems[:40])
+
+
+def test_page_weight_is_reported(visited):
+    """What each page makes a browser download (HTML, scripts, styles, fonts; raw and gzip-compressed, as
+    most static hosts serve it), written to _build/page-weight.txt for the notes."""
+    import gzip
+
+    _, _, weights = visited
+    size = functools.cache(lambda f: (f.stat().st_size, len(gzip.compress(f.read_bytes(), 6))))
+    lines = [f"{'page':58s} {'files':>5s} {'HTML KB':>8s} {'total KB':>9s} {'gzip KB':>8s}"]
+    for rel, files in weights.items():
+        raw, packed = sum(size(f)[0] for f in files), sum(size(f)[1] for f in files)
+        lines.append(f"{rel:58s} {len(files):5d} {size(HTML / rel)[0] / 1024:8.0f} {raw / 1024:9.0f} {packed / 1024:8.0f}")
+        assert HTML / rel in files, f"{rel}: the page itself is not among the files it fetched"
+    site = sum(f.stat().st_size for f in HTML.rglob("*") if f.is_file())
+    lines.append(f"whole site on disk: {site / 2**20:.1f} MB")
+    (ROOT / "_build" / "page-weight.txt").write_text("\n".join(lines) + "\n")
+
+
+# files that a page's own scripts load only when a reader asks for them: TeX packages MathJax loads when a
+# formula uses one, and the accessibility explorer of MathJax's menu (with its speech rules)
+ON_DEMAND = ("_static/mathjax/input/tex/extensions/", "_static/mathjax/a11y/", "_static/mathjax/sre/")
+
+
+def test_the_site_ships_no_source_maps_or_unread_bundles(visited):
+    """Every script and style sheet the site ships is fetched by some page (or is loaded on demand, above),
+    and no source map, or comment pointing to one, is shipped."""
+    _, fetched, _ = visited
+    static = HTML / "_static"
+    maps = [str(f.relative_to(HTML)) for f in static.rglob("*.map")]
+    assert not maps, f"source maps shipped: {maps}"
+    pointing = [str(f.relative_to(HTML)) for f in [*static.rglob("*.js"), *static.rglob("*.css")]
+                if re.search(rb"sourceMappingURL=\S+\.map\s*(\*/)?\s*\Z", f.read_bytes())]
+    assert not pointing, f"files still point to a source map: {pointing}"
+    unread = [str(f.relative_to(HTML)) for f in [*static.rglob("*.js"), *static.rglob("*.css")]
+              if f not in fetched and not str(f.relative_to(HTML)).startswith(ON_DEMAND)]
+    assert not unread, f"shipped but fetched by no page: {unread}"
 
 
 def test_search_finds_gradient_clipping(browser):

@@ -1,10 +1,24 @@
-"""Sphinx extension: a fix to the default Jupyter Book theme, so that its pages log no errors.
+"""Sphinx extension: fixes to the default Jupyter Book theme, so that its pages log no errors and the
+site ships only what readers' browsers use.
 
 sphinx-thebe registers an inline configuration script (``const THEBE_JS_URL = ...``) that reaches
 each page twice (once registered with no file name, ``None``, once as an empty one, ``''``), so the
 browser reported "Identifier 'THEBE_JS_URL' has already been declared" on every page. Identical
 scripts are kept once.
+
+The themes copy files into ``_static`` that no browser reads: source maps (``*.map``, 3.4 MB, fetched
+only by a developer's tools) and the theme's message catalogues (``locales/``, used by Sphinx at build
+time from the theme's own package, not from the site), and sphinx-copybutton's ``copybutton_funcs.js``
+(its functions are pasted into ``copybutton.js`` when the site is built; the separate module is never
+loaded). When the build finishes they are removed, with the ``sourceMappingURL`` comments that point to
+the maps. A browser test checks that every script and style sheet left is fetched by some page.
 """
+import pathlib
+import re
+import shutil
+
+# the comment a bundler appends as a file's last line (not the strings inside a bundle that mention one)
+_MAP_COMMENT = re.compile(rb"\n?(//# sourceMappingURL=[^\n]*|/\*# sourceMappingURL=[^*\n]*\*/)\s*\Z")
 
 
 def _key(js):
@@ -26,7 +40,22 @@ def _dedupe_page(app, pagename, templatename, context, doctree):
     scripts[:] = kept
 
 
+def _drop_unread_files(app, exception):
+    static = pathlib.Path(app.outdir) / "_static"
+    if exception is not None or not static.is_dir():
+        return
+    for source_map in static.rglob("*.map"):
+        source_map.unlink()
+    shutil.rmtree(static / "locales", ignore_errors=True)
+    (static / "copybutton_funcs.js").unlink(missing_ok=True)
+    for path in [*static.rglob("*.js"), *static.rglob("*.css")]:
+        text = path.read_bytes()
+        if b"sourceMappingURL=" in text:
+            path.write_bytes(_MAP_COMMENT.sub(b"", text))
+
+
 def setup(app):
     # early, because html-page-context stops at the first handler that returns a template name
     app.connect("html-page-context", _dedupe_page, priority=100)
+    app.connect("build-finished", _drop_unread_files)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
