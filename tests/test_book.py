@@ -84,6 +84,43 @@ def test_pages_load_no_script_or_stylesheet_from_another_site(build):
     assert (HTML / "book" / mathjax.group(1).split("?")[0]).resolve().is_file()
 
 
+def test_launch_buttons_open_notebooks_the_repository_holds(build):
+    """Every chapter notebook's page opens it in Colab and Binder from the configured repository (and its
+    first cell installs gradbook there: tests/test_project.py); every Colab link names a file git tracks,
+    so generated pages (the student versions) carry none; every page links to the repository."""
+    import fnmatch
+
+    import yaml
+
+    assert build.returncode == 0
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url, branch = config["repository"]["url"], config["repository"]["branch"]
+    org_repo = url.removeprefix("https://github.com/")
+    generated = config["sphinx"]["config"]["no_launch_buttons"]
+    git = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    tracked = set(git.stdout.splitlines()) if git.returncode == 0 else None
+    problems = []
+    for f in toc_files():
+        text = (HTML / f"{f}.html").read_text()
+        colab = re.findall(r'href="https://colab\.research\.google\.com/github/([^"]+)"', text)
+        binder = re.findall(r'href="https://mybinder\.org/v2/gh/([^"]+)"', text)
+        if f'href="{url}"' not in text:
+            problems.append(f"{f}: no link to the repository {url}")
+        for link in colab:
+            path = link.removeprefix(f"{org_repo}/blob/{branch}/")
+            if tracked is not None and path not in tracked:
+                problems.append(f"{f}: Colab opens {path}, which the repository does not hold")
+        is_notebook = (ROOT / f"{f}.ipynb").exists()
+        if is_notebook and not any(fnmatch.fnmatch(f, g) for g in generated):
+            if colab != [f"{org_repo}/blob/{branch}/{f}.ipynb"]:
+                problems.append(f"{f}: Colab button {colab}")
+            if binder != [f"{org_repo}/{branch}?urlpath=lab/tree/{f}.ipynb"]:
+                problems.append(f"{f}: Binder button {binder}")
+        elif colab or binder:
+            problems.append(f"{f}: launch buttons on a page the repository cannot open: {colab + binder}")
+    assert not problems, "\n".join(problems)
+
+
 # --- The built site in a real browser (headless Chromium driven by Playwright) ------------------------
 
 CHROMIUM = os.environ.get("GRADBOOK_CHROMIUM", "/usr/bin/chromium")

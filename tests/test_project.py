@@ -146,3 +146,71 @@ def test_notebook_tags_are_used_consistently(path):
 def test_every_notebook_has_the_same_kernel_spec():
     specs = {json.dumps(json.loads(p.read_text())["metadata"].get("kernelspec"), sort_keys=True) for p in _notebooks()}
     assert len(specs) == 1, specs
+
+
+# --- Ready to run on Colab and Binder: the first code cell installs gradbook where it is missing ---------
+
+def _colab():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_colab", ROOT / "book" / "colab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_starts_with_the_install_cell(path):
+    import nbformat
+
+    colab = _colab()
+    if path not in colab.notebooks():
+        pytest.skip("a generated student version (it gets the cell from its source)")
+    nb = nbformat.read(path, as_version=4)
+    assert colab.up_to_date(nb), (f"{path.relative_to(ROOT)}: the first code cell must install gradbook from "
+                                  "_config.yml's repository (run `python book/colab.py`)")
+
+
+def _run_install_cell(gradbook_importable: bool) -> list:
+    """Run the install cell as IPython would (its %pip line transformed), recording the magics it calls."""
+    import sys
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    code = TransformerManager().transform_cell(_colab().install_source())
+    calls = []
+
+    class Shell:
+        def run_line_magic(self, name, line, *args):
+            calls.append((name, line))
+
+    saved = sys.modules.get("gradbook")
+    if not gradbook_importable:
+        sys.modules["gradbook"] = None   # makes `import gradbook` raise ImportError
+    try:
+        exec(compile(code, "install-cell", "exec"), {"get_ipython": lambda: Shell()})
+    finally:
+        if saved is None:
+            sys.modules.pop("gradbook", None)
+        else:
+            sys.modules["gradbook"] = saved
+    return calls
+
+
+def test_the_install_cell_does_nothing_where_gradbook_is_installed():
+    assert _run_install_cell(gradbook_importable=True) == []
+
+
+def test_the_install_cell_installs_gradbook_from_the_repository_where_it_is_missing():
+    calls = _run_install_cell(gradbook_importable=False)
+    url, branch = _colab().repository()
+    assert calls == [("pip", f'install --quiet "gradbook @ git+{url}@{branch}"')], calls
+
+
+def test_the_repository_address_is_the_same_everywhere():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url = config["repository"]["url"]
+    assert url.startswith("https://github.com/"), url   # the Colab and Binder links are built for GitHub
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert urls["Repository"] == url
+    assert config["launch_buttons"]["colab_url"] and config["launch_buttons"]["binderhub_url"]
+    assert config["html"]["use_repository_button"]

@@ -12,7 +12,13 @@ time from the theme's own package, not from the site), and sphinx-copybutton's `
 (its functions are pasted into ``copybutton.js`` when the site is built; the separate module is never
 loaded). When the build finishes they are removed, with the ``sourceMappingURL`` comments that point to
 the maps. A browser test checks that every script and style sheet left is fetched by some page.
+
+Launch buttons (Colab, Binder) open a page's notebook from the book's repository. Pages built from
+generated notebooks that the repository does not hold (the assignments' student versions) would open a
+missing file, so pages whose source matches ``no_launch_buttons`` (glob patterns, in _config.yml) lose
+them; their download buttons stay.
 """
+import fnmatch
 import pathlib
 import re
 import shutil
@@ -54,7 +60,18 @@ def _drop_unread_files(app, exception):
             path.write_bytes(_MAP_COMMENT.sub(b"", text))
 
 
+def _drop_launch_buttons(app, pagename, templatename, context, doctree):
+    if not any(fnmatch.fnmatch(pagename, pattern) for pattern in app.config.no_launch_buttons):
+        return
+    buttons = context.get("header_buttons")
+    if isinstance(buttons, list):
+        buttons[:] = [b for b in buttons if not (isinstance(b, dict) and b.get("label") == "launch-buttons")]
+
+
 def setup(app):
+    app.add_config_value("no_launch_buttons", [], "html")
+    # after sphinx-book-theme adds the buttons (its handler runs at priority 501)
+    app.connect("html-page-context", _drop_launch_buttons, priority=600)
     # early, because html-page-context stops at the first handler that returns a template name
     app.connect("html-page-context", _dedupe_page, priority=100)
     app.connect("build-finished", _drop_unread_files)
