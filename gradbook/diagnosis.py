@@ -40,6 +40,7 @@ __all__ = ["diagnose", "from_trace", "Diagnosis", "Remedy", "THRESHOLD", "VERDIC
 
 #: Squared-norm change end to end, in depth scales, beyond which a profile vanishes or explodes.
 THRESHOLD = 6.0
+#: The verdicts :func:`diagnose` can give.
 VERDICTS = ["vanishing", "exploding", "healthy"]
 #: Fraction of an activation's inputs in saturation (phi' < 0.1 gamma) above which a layer is "saturated".
 SATURATED = 0.5

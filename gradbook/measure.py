@@ -42,9 +42,10 @@ from torch import nn
 from . import activations as _acts
 from ._checks import choice, positive_int
 
-__all__ = ["Snapshot", "Trace", "watch", "gradients", "activations", "capture", "through_time", "layers", "activation_modules", "weight_tensors",
+__all__ = ["Snapshot", "Trace", "watch", "gradients", "activations", "capture", "stream", "Stream", "through_time", "layers", "activation_modules", "weight_tensors",
            "update_ratios", "LAYER_TYPES", "LEVELS"]
 
+#: The module types measured as layers (those with a trainable parameter).
 LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.RNNBase,
                nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: ``"norms"``: per-layer weight-gradient norms only (cheap enough to leave on); ``"full"``: everything.
@@ -519,6 +520,82 @@ def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") ->
     if not seen:
         raise RuntimeError("module was not called in the forward pass")
     return seen[0]
+
+
+@dataclass
+class Stream:
+    """What flows along a stack of blocks: per block output h_l, its size and the gradient it receives.
+
+    ``names``: the blocks; ``rms``: the root mean square of the entries of h_l (whole batch);
+    ``grad_norm``: ||dL/dh_l|| (whole batch). In a residual network h_l is the residual stream, the sum of
+    the skip path and the branch: the quantity whose gradient the skip connections carry.
+    """
+    names: list[str]
+    rms: np.ndarray
+    grad_norm: np.ndarray
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children())
+    stack = getattr(model, "layers", None)
+    if isinstance(stack, (nn.ModuleList, nn.Sequential)):
+        return [(f"layers.{n}", m) for n, m in stack.named_children()]
+    raise TypeError(f"stream() cannot tell which modules of a {type(model).__name__} are its blocks: pass "
+                    "blocks=[...] (for instance a ResNet's residual blocks); by default it takes an "
+                    "nn.Sequential's children or a model's `layers` ModuleList (gradbook.nets.mlp)")
+
+
+def stream(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
+           blocks: Iterable[nn.Module] | None = None) -> Stream:
+    """Measure the output h_l of every block of ``model`` and the gradient dL/dh_l it receives.
+
+    :func:`gradients` measures each layer's linear output a_l; in a residual network the gradient that the
+    skip path carries is the one at the block's output h_l = h_{l-1} + F_l(h_{l-1}), which this measures
+    (compare :func:`gradbook.theory.residual_profile`). ``blocks`` are modules of ``model``, each called
+    once per forward pass; by default an ``nn.Sequential``'s children or the model's ``layers`` ModuleList.
+    The loss is as in :func:`gradients`. Parameters' ``.grad`` and the model's buffers are left untouched.
+    """
+    if blocks is None:
+        named = _blocks(model)
+    else:
+        names = {id(m): n for n, m in model.named_modules()}
+        named = [(names.get(id(m)), m) for m in blocks]
+        missing = [type(m).__name__ for n, m in named if n is None]
+        if missing:
+            raise ValueError(f"blocks must be modules of the model; not part of it: {missing}")
+    if not named:
+        raise ValueError("the model has no blocks to measure")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: there is no gradient to measure")
+    rms: list[list[torch.Tensor]] = [[] for _ in named]
+    grads: list[torch.Tensor | None] = [None] * len(named)
+
+    def hook(i):
+        def record(mod, args, out):
+            h = _first_tensor(out)
+            rms[i].append(h.detach().pow(2).mean().sqrt())
+            if h.requires_grad:
+                # a tensor hook sees dL/dh for this value even if a later operation changes h in place
+                h.register_hook(lambda g: grads.__setitem__(i, g.detach().norm()))
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(named)]
+    try:
+        with torch.enable_grad(), _kept_buffers(model):
+            out = _first_tensor(model(inputs))
+            calls = {named[i][0]: len(v) for i, v in enumerate(rms) if len(v) != 1}
+            if calls:
+                raise ValueError(f"each block must run once per forward pass; calls: {calls}")
+            loss = (loss_fn or _default_loss)(out, targets)
+            torch.autograd.grad(loss, params, allow_unused=True)   # fills grads; no .grad is touched
+    finally:
+        for h in handles:
+            h.remove()
+    zero = torch.zeros((), dtype=rms[0][0].dtype, device=rms[0][0].device)
+    return Stream([n for n, _ in named], torch.stack([r[0] for r in rms]).cpu().numpy(),
+                  torch.stack([zero if g is None else g.to(zero) for g in grads]).cpu().numpy())
 
 
 def through_time(model, inputs: torch.Tensor, h0: torch.Tensor | None = None, **states_kwargs) -> np.ndarray:

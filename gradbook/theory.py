@@ -142,6 +142,31 @@ def gradient_profile(activation: str, depth: int, sigma_w: float, sigma_b: float
     return top * np.sqrt(tail)
 
 
+def residual_profile(activation: str, depth: int, sigma_w: float, sigma_b: float = 0.0,
+                     q0: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-field prediction for a residual stack h_l = h_{l-1} + phi(W_l h_{l-1} + b_l), as built by
+    ``gradbook.nets.mlp(..., residual=True)``: ``(rms, grad)``, each of length ``depth``.
+
+    The branch's output is taken as uncorrelated with its input, so mean squares add:
+    s_l = s_{l-1} + E[phi(a_l)^2] with a_l ~ N(0, sigma_w^2 s_{l-1} + sigma_b^2) and s_0 = ``q0`` (the input's
+    mean square); ``rms[l-1]`` = sqrt(s_l) is the predicted RMS of block l's output. Backwards, the cross term
+    of ||(I + A_l^T) g||^2 averages to zero (exactly so for odd activations), leaving the factor 1 + chi_l
+    per block; ``grad[l-1]`` = ||dL/dh_l|| / ||dL/dh_depth||, so ``grad[-1]`` is 1 and ``grad[0]`` is the
+    end-to-end growth. Branches whose outputs share a sign (ReLU) add coherently and grow faster than this.
+    """
+    positive_int("depth", depth)
+    non_negative("q0", q0)
+    s, rms, factors = float(q0), [], []
+    for _ in range(depth):
+        q = sigma_w**2 * s + sigma_b**2                 # variance of the branch's pre-activation
+        factors.append(1 + chi(activation, q, sigma_w))
+        s = s + float(length_map(activation, q, 1.0))   # + E[phi(a)^2]
+        rms.append(np.sqrt(s))
+    # dL/dh_{l-1} = (1 + chi_l) dL/dh_l: block l's gradient carries the factors of blocks l+1, ..., depth
+    tail = np.concatenate([np.cumprod(np.asarray(factors[1:], dtype=float)[::-1])[::-1], [1.0]])
+    return np.array(rms), np.sqrt(tail)
+
+
 def fixed_point(activation: str, sigma_w: float, sigma_b: float = 0.0, q0: float = 1.0,
                 tol: float = 1e-12, max_iter: int = 200) -> float:
     """The fixed point q* of the length map reached from q0 (inf if q grows without bound).

@@ -21,6 +21,7 @@ from .data import Task
 
 __all__ = ["fit", "evaluate", "History", "Divergence", "OPTIMIZERS"]
 
+#: The optimizers :func:`fit` accepts by name.
 OPTIMIZERS = ["sgd", "adam", "adamw"]
 
 

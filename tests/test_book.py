@@ -84,6 +84,19 @@ def test_pages_load_no_script_or_stylesheet_from_another_site(build):
     assert (HTML / "book" / mathjax.group(1).split("?")[0]).resolve().is_file()
 
 
+def test_chapters_link_their_gradbook_names_to_the_api_reference(build):
+    """Inline code naming a gradbook object links to its API entry (book/_ext/api_links.py; a name that
+    resolves to nothing documented is a build warning); every chapter does so at least once."""
+    assert build.returncode == 0
+    chapters = [f for f in toc_files() if (ROOT / f"{f}.ipynb").exists() and "assignments" not in f]
+    assert chapters
+    for f in chapters:
+        text = (HTML / f"{f}.html").read_text()
+        links = re.findall(r'<a class="api-link reference internal" href="([^"]+)"', text)
+        assert links, f"{f}: no gradbook name linked to the API reference"
+        assert all(re.search(r"api\.html#(module-)?gradbook\.", h) for h in links), links
+
+
 def test_launch_buttons_open_notebooks_the_repository_holds(build):
     """Every chapter notebook's page opens it in Colab and Binder from the configured repository (and its
     first cell installs gradbook there: tests/test_project.py); every Colab link names a file git tracks,

@@ -737,3 +737,66 @@ def test_measurements_leave_batchnorm_statistics_untouched():
     gb.gradients(net, x, torch.randint(0, 2, (10,)))
     for old, new in zip(before, net.buffers()):
         torch.testing.assert_close(old, new)
+
+
+# --- stream: the output of every block and the gradient it receives --------------------------------------
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_stream_matches_direct_autograd_at_each_block_output(residual):
+    torch.manual_seed(0)
+    net = gb.mlp(12, 32, activation="tanh", init="xavier_normal", in_dim=8, out_dim=3, residual=residual).double()
+    x, y = torch.randn(16, 8, dtype=DT), torch.randint(0, 3, (16,))
+    hs = net.hidden(x)
+    grads = torch.autograd.grad(F.cross_entropy(net.readout(hs[-1]), y), hs)
+    s = gb.measure.stream(net, x, y)
+    assert s.names == [f"layers.{i}" for i in range(12)]
+    np.testing.assert_allclose(s.rms, [h.detach().pow(2).mean().sqrt().item() for h in hs], rtol=1e-12)
+    np.testing.assert_allclose(s.grad_norm, [g.norm().item() for g in grads], rtol=1e-12)
+
+
+def test_stream_of_a_sequential_leaves_grads_and_batchnorm_statistics_untouched():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Tanh(), nn.Linear(10, 2))
+    x, y = torch.randn(20, 6), torch.randn(20, 2)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    stats = copy.deepcopy(model[1].state_dict())
+    s = gb.measure.stream(model, x, y)
+    assert s.names == ["0", "1", "2", "3"]
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    assert all(torch.equal(v, stats[k]) for k, v in model[1].state_dict().items())
+    # the last block's output is the model's: dL/dout of the mean squared error
+    assert s.grad_norm[-1] == pytest.approx((2 * (model(x) - y) / y.numel()).norm().item(), rel=1e-5)
+
+
+def test_stream_measures_a_block_output_before_a_later_in_place_change():
+    torch.manual_seed(2)
+    lin = nn.Linear(5, 5).double()
+    model = nn.Sequential(lin, nn.ReLU(inplace=True), nn.Linear(5, 1).double())
+    x = torch.randn(9, 5, dtype=DT)
+    a = lin(x)
+    (g,) = torch.autograd.grad((model[2](torch.relu(a)) ** 2).sum() / 2, a)
+    s = gb.measure.stream(model, x, blocks=[lin])
+    assert s.grad_norm[0] == pytest.approx(g.norm().item(), rel=1e-12)
+    assert s.rms[0] == pytest.approx(a.pow(2).mean().sqrt().item(), rel=1e-12)
+
+
+def test_stream_bad_input_names_what_is_wrong():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    model, x = Custom(), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="blocks="):
+        gb.measure.stream(model, x)
+    with pytest.raises(ValueError, match="not part of it: \\['Linear'\\]"):
+        gb.measure.stream(model, x, blocks=[nn.Linear(3, 3)])
+    with pytest.raises(ValueError, match="once per forward pass.*'a': 2"):
+        gb.measure.stream(model, x, blocks=[model.a, model.b])
+    frozen = nn.Sequential(nn.Linear(3, 1)).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        gb.measure.stream(frozen, x)
