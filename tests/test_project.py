@@ -133,14 +133,30 @@ ALLOWED_TAGS = {"remove-cell", "remove-input", "remove-output", "hide-input", "h
                 "raises-exception", "nbval-skip"}
 
 
+# A figure cell is "drawing code" when more than this many of its lines are plotting calls: on the website
+# its code is folded (hide-input) under the figure's toggle; a short one (gb.plot.gradient_flow(rec)) shows.
+DRAWING_LINES = 6
+
+
+def _plotting_lines(source: str) -> int:
+    return sum(1 for line in source.splitlines()
+               if line.strip() and re.search(r"\bax\w*\.|plt\.|fig\.|\.set_|legend|semilogy|loglog", line))
+
+
 @pytest.mark.parametrize("path", _notebooks(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_notebook_tags_are_used_consistently(path):
     nb = json.loads(path.read_text())
     for i, cell in enumerate(nb["cells"]):
         tags = set(cell.get("metadata", {}).get("tags", []))
+        source = "".join(cell["source"])
         assert tags <= ALLOWED_TAGS, f"{path.name} cell {i}: unknown tags {tags - ALLOWED_TAGS}"
-        if cell["cell_type"] == "code" and "".join(cell["source"]).lstrip().startswith("# Checks"):
+        if cell["cell_type"] == "code" and source.lstrip().startswith("# Checks"):
             assert "remove-cell" in tags, f"{path.name} cell {i}: a test cell must be tagged remove-cell"
+        if cell["cell_type"] == "code" and "assignments" not in path.parts and "plt.show()" in source:
+            drawing = _plotting_lines(source) > DRAWING_LINES
+            assert drawing == ("hide-input" in tags), (
+                f"{path.name} cell {i}: a figure cell with {_plotting_lines(source)} lines of plotting calls "
+                f"must {'' if drawing else 'not '}be tagged hide-input (more than {DRAWING_LINES}: folded)")
 
 
 def test_every_notebook_has_the_same_kernel_spec():
