@@ -280,6 +280,26 @@ def test_the_site_ships_no_source_maps_or_unread_bundles(visited):
     assert not unread, f"shipped but fetched by no page: {unread}"
 
 
+def test_pages_fit_a_phone_screen(browser):
+    """At a phone's width (390 px) no page is wider than the screen: long inline code and API signatures
+    wrap (book/_static/gradbook.css), code blocks and wide math scroll inside themselves."""
+    chromium, base = browser
+    wide = []
+    for rel in _site_pages():
+        page = chromium.new_page(viewport={"width": 390, "height": 844})
+        try:
+            page.goto(f"{base}/{rel}", wait_until="networkidle")
+            page.evaluate("() => (window.MathJax && MathJax.startup && MathJax.startup.promise) || null")
+            width, screen = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+            if width > screen:
+                wide.append(f"{rel}: {width} px wide on a {screen} px screen")
+            if rel == "book/vanishing/relu.html":
+                page.screenshot(path=str(SCREENSHOTS / "phone_book_vanishing_relu.png"))
+        finally:
+            page.close()
+    assert not wide, "\n".join(wide)
+
+
 def test_search_finds_gradient_clipping(browser):
     _, base = browser
     page, errors, failed = _open(browser, f"{base}/search.html?q=gradient+clipping")
