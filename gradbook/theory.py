@@ -137,9 +137,14 @@ def gradient_profile(activation: str, depth: int, sigma_w: float, sigma_b: float
     that :func:`gradbook.plot.gradient_flow` draws with ``predicted=`` beside a measured one (pass the
     measured top layer's norm as ``top`` to anchor it).
     """
-    f = gradient_factors(activation, depth, sigma_w, sigma_b, q0)[:-1]
-    tail = np.concatenate([np.cumprod(f[::-1])[::-1], [1.0]])
-    return top * np.sqrt(tail)
+    return top * np.sqrt(_products_above(gradient_factors(activation, depth, sigma_w, sigma_b, q0)[:-1]))
+
+
+def _products_above(factors) -> np.ndarray:
+    """[f_1 f_2 ... f_n, f_2 ... f_n, ..., f_n, 1]: for each of n + 1 layers, the product of the factors
+    between it and the top (what the squared gradient gains on its way down to that layer)."""
+    f = np.asarray(factors, dtype=float)
+    return np.concatenate([np.cumprod(f[::-1])[::-1], [1.0]])
 
 
 def residual_profile(activation: str, depth: int, sigma_w: float, sigma_b: float = 0.0,
@@ -163,8 +168,7 @@ def residual_profile(activation: str, depth: int, sigma_w: float, sigma_b: float
         s = s + float(length_map(activation, q, 1.0))   # + E[phi(a)^2]
         rms.append(np.sqrt(s))
     # dL/dh_{l-1} = (1 + chi_l) dL/dh_l: block l's gradient carries the factors of blocks l+1, ..., depth
-    tail = np.concatenate([np.cumprod(np.asarray(factors[1:], dtype=float)[::-1])[::-1], [1.0]])
-    return np.array(rms), np.sqrt(tail)
+    return np.array(rms), np.sqrt(_products_above(factors[1:]))
 
 
 def fixed_point(activation: str, sigma_w: float, sigma_b: float = 0.0, q0: float = 1.0,

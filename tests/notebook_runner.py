@@ -1,4 +1,5 @@
 """Run a book notebook top to bottom in a fresh kernel under a given GRADBOOK_SEED."""
+import functools
 import importlib.util
 import os
 import pathlib
@@ -9,12 +10,18 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def toc_files() -> list[str]:
-    """Every page of _toc.yml (root, chapters and their sections), as paths without suffix."""
-    spec = importlib.util.spec_from_file_location("book_execute", ROOT / "book" / "execute.py")
+@functools.cache
+def book_script(name: str):
+    """One of the book's build scripts (book/<name>.py: execute, colab), loaded as a module."""
+    spec = importlib.util.spec_from_file_location(f"book_{name}", ROOT / "book" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.toc_files()
+    return module
+
+
+def toc_files() -> list[str]:
+    """Every page of _toc.yml (root, chapters and their sections), as paths without suffix."""
+    return book_script("execute").toc_files()
 
 
 def chapters() -> list[pathlib.Path]:

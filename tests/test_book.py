@@ -14,20 +14,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 
 
+def _run(*command) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], cwd=ROOT, env=dict(os.environ, GRADBOOK_PROGRESS="0"),
+                          capture_output=True, text=True, timeout=1800)
+
+
+def _jupyter_book_build() -> subprocess.CompletedProcess:
+    """`jupyter-book build` as `make book` runs it."""
+    return _run(pathlib.Path(sys.executable).with_name("jupyter-book"), "build", ROOT, "-W", "-n", "--keep-going")
+
+
 @pytest.fixture(scope="module")
 def build():
     """Build the book as `make book` does; cached notebooks are not re-run."""
-    exe = pathlib.Path(sys.executable).with_name("jupyter-book")
-    env = dict(os.environ, GRADBOOK_PROGRESS="0")
     # the assignment pages are the generated student versions (make release)
     subprocess.run([sys.executable, str(ROOT / "book" / "assignments" / "release.py")], check=True, timeout=600)
     # the notebooks that changed run first, one per core, into the cache the build reads (book/execute.py)
-    execute = subprocess.run([sys.executable, str(ROOT / "book" / "execute.py")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=1800)
+    execute = _run(sys.executable, ROOT / "book" / "execute.py")
     assert execute.returncode == 0, (execute.stdout + execute.stderr)[-6000:]
-    proc = subprocess.run([str(exe), "build", str(ROOT), "-W", "-n", "--keep-going"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    return proc
+    return _jupyter_book_build()
 
 
 def test_book_builds_without_warnings(build):
@@ -173,10 +178,10 @@ def browser(build):
             server.shutdown()
 
 
-def _open(browser, url):
+def _open(browser, url, width=1280, height=900):
     """Load a page and wait for MathJax; returns (page, console errors, failed requests)."""
     chromium, _ = browser
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page = chromium.new_page(viewport={"width": width, "height": height})
     errors, failed = [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -283,13 +288,12 @@ def test_the_site_ships_no_source_maps_or_unread_bundles(visited):
 def test_pages_fit_a_phone_screen(browser):
     """At a phone's width (390 px) no page is wider than the screen: long inline code and API signatures
     wrap (book/_static/gradbook.css), code blocks and wide math scroll inside themselves."""
-    chromium, base = browser
+    _, base = browser
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     wide = []
     for rel in _site_pages():
-        page = chromium.new_page(viewport={"width": 390, "height": 844})
+        page, _, _ = _open(browser, f"{base}/{rel}", width=390, height=844)
         try:
-            page.goto(f"{base}/{rel}", wait_until="networkidle")
-            page.evaluate("() => (window.MathJax && MathJax.startup && MathJax.startup.promise) || null")
             width, screen = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
             if width > screen:
                 wide.append(f"{rel}: {width} px wide on a {screen} px screen")
@@ -350,10 +354,7 @@ def test_internal_links_and_anchors_resolve(build):
 def test_a_rebuild_with_nothing_changed_executes_nothing(build):
     """execute_notebooks: cache: a second build reuses every notebook's outputs."""
     assert build.returncode == 0
-    exe = pathlib.Path(sys.executable).with_name("jupyter-book")
-    env = dict(os.environ, GRADBOOK_PROGRESS="0")
-    proc = subprocess.run([str(exe), "build", str(ROOT), "-W", "-n", "--keep-going"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = _jupyter_book_build()
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     executed = re.findall(r"(\S+\.ipynb): Executing notebook", log)

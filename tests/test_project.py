@@ -10,7 +10,7 @@ except ImportError:  # Python 3.10
 
 import pytest
 import yaml
-from notebook_runner import toc_files
+from notebook_runner import book_script, toc_files
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -167,12 +167,7 @@ def test_every_notebook_has_the_same_kernel_spec():
 # --- Ready to run on Colab and Binder: the first code cell installs gradbook where it is missing ---------
 
 def _colab():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("book_colab", ROOT / "book" / "colab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return book_script("colab")
 
 
 # every notebook but the generated student versions, which get the cell from their sources
