@@ -8,7 +8,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-export GRADBOOK_PROGRESS ?= 0
 
 VENDOR := _vendor/.installed
 

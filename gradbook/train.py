@@ -7,7 +7,6 @@ in which layer, and what went non-finite.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +17,7 @@ from torch import nn
 from . import measure as _measure
 from ._checks import choice, non_negative, positive_int
 from .data import Task
+from .progress import Progress
 
 __all__ = ["fit", "evaluate", "History", "Divergence", "OPTIMIZERS"]
 
@@ -130,10 +130,6 @@ def _largest_grad(model: nn.Module) -> str:
     return max(named, key=lambda t: t[1])[0] if named else "?"
 
 
-def _progress_default() -> bool:
-    return os.environ.get("GRADBOOK_PROGRESS", "1").lower() not in ("0", "false", "no", "off")
-
-
 def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer: str = "sgd",
         momentum: float = 0.0, batch_size: int = 64, weight_decay: float = 0.0,
         clip_norm: float | None = None, clip_value: float | None = None, every: int = 0,
@@ -163,10 +159,10 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         updates, counting from 0 (before training) to the end; its return values are kept in
         ``History.callback_values``. Use it to follow any quantity over training.
     progress : bool, optional
-        Show a progress bar (tqdm); default on unless the environment sets ``GRADBOOK_PROGRESS=0``.
+        Show progress (and print a divergence when it happens). By default only where a person watches:
+        in a Jupyter front end or a terminal, never under nbconvert, nbgrader, nbval or pytest
+        (:mod:`gradbook.progress`).
     """
-    from tqdm import tqdm   # a text bar on stderr: no widget state in saved notebooks, nothing for the site to load
-
     positive_int("steps", steps)
     positive_int("callback_every", callback_every)
     non_negative("lr", lr)
@@ -199,7 +195,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
     diverged = None
     layer_modules = [m for _, m in _measure.layers(model)]
     probe = _measure.watch(model, every=every, level=level) if every else None
-    bar = tqdm(total=steps, disable=not (_progress_default() if progress is None else progress), leave=False)
+    bar = Progress(steps, "gradbook.fit", show=progress).__enter__()
     model.train()
     try:
         if probe:
@@ -237,19 +233,17 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
             opt.step()
             if record:
                 ratios.append(_measure.update_ratios(before, layer_modules))
-            if step % max(1, steps // 100) == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-            bar.update(1)
+            bar.update(1, loss=losses[-1])
         else:
             bad = _nonfinite_param(model, grads=False)       # the last update has no forward pass after it
             if bad:
                 diverged = Divergence(steps - 1, "weights", *bad)
             call_back(steps)
     finally:
-        bar.close()
+        bar.__exit__()
         if probe:
             probe.detach()
-    if diverged is not None and (progress if progress is not None else _progress_default()):
+    if diverged is not None and bar.shown:
         print(f"gradbook.fit: {diverged}")
     trace = probe.trace if probe else None
     if trace is not None and diverged is not None and len(losses) == diverged.step + 1 \

@@ -1,10 +1,5 @@
-import os
-
 import pytest
 import torch
-
-os.environ.setdefault("GRADBOOK_PROGRESS", "0")
-
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():

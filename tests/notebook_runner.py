@@ -32,8 +32,8 @@ def chapters() -> list[pathlib.Path]:
 
 def run(path: pathlib.Path, seed: int) -> None:
     """Execute every cell, hidden test cells included; a failing assertion raises CellExecutionError."""
-    old = {k: os.environ.get(k) for k in ("GRADBOOK_SEED", "GRADBOOK_PROGRESS")}
-    os.environ.update(GRADBOOK_SEED=str(seed), GRADBOOK_PROGRESS="0")   # the kernel inherits them
+    old = {k: os.environ.get(k) for k in ("GRADBOOK_SEED",)}
+    os.environ.update(GRADBOOK_SEED=str(seed))   # the kernel inherits it
     try:
         nb = nbformat.read(path, as_version=4)
         NotebookClient(nb, kernel_name="python3", timeout=600,

@@ -15,7 +15,7 @@ HTML = ROOT / "_build" / "html"
 
 
 def _run(*command) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in command], cwd=ROOT, env=dict(os.environ, GRADBOOK_PROGRESS="0"),
+    return subprocess.run([str(c) for c in command], cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=1800)
 
 

@@ -8,7 +8,6 @@ from notebook_runner import ROOT
 
 def _outputs(path, seed, monkeypatch):
     monkeypatch.setenv("GRADBOOK_SEED", str(seed))
-    monkeypatch.setenv("GRADBOOK_PROGRESS", "0")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(path.parent)}}).execute()
     images, texts = [], []
