@@ -16,9 +16,21 @@ VENDOR := _vendor/.installed
 # Modules are compiled to bytecode at install time (about a minute of a fresh build): skipping that with
 # --no-compile made every later process compile what it imports, every time, where PYTHONDONTWRITEBYTECODE
 # is set (as on our CI machines), and the test run 6 minutes longer.
+#
+# PyTorch comes first, from TORCH_INDEX as well as PyPI: by default PyTorch's CPU wheel index, so that any
+# Linux machine gets the CPU build (about 200 MB) and not PyPI's default Linux build with CUDA (gigabytes
+# of NVIDIA libraries the book never uses). For the CUDA build: make TORCH_INDEX= (PyPI's build) or
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a given CUDA version). Where the index cannot be
+# reached, pip warns and goes on with PyPI alone (--retries 0: one try per package, not five).
+# Python 3.11 to 3.13: nbgrader (the teach extra, for the assignments) needs 3.11.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+	  "make needs Python 3.11 or newer (nbgrader, for the assignments); set PYTHON=python3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[book,test,teach]"
+	$(PIP_INSTALL) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --retries 0) torch
+	$(PIP_INSTALL) -e ".[book,test,teach]"
 	touch $(STAMP)
 
 $(VENDOR): package.json package-lock.json
@@ -53,10 +65,16 @@ release: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Re-pin constraints.txt from the current environment (after changing a range in pyproject.toml).
+# Re-pin constraints.txt from the current environment (after changing a range in pyproject.toml): its header
+# and its Python 3.10 section are kept; a package that section pins gets `; python_version >= "3.11"`.
+PY310 := python_version < "3.11"
 constraints: $(STAMP)
-	{ head -n 2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
-	  | grep -v '^-e ' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
+	{ sed -n '/^[^#]/q;p' constraints.txt; \
+	  $(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^-e ' \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+	  | awk -F'==' 'BEGIN { while ((getline l < "constraints.txt") > 0) if (l ~ /$(PY310)/) { split(l, a, "=="); old[tolower(a[1])] = 1 } } \
+	                { print (tolower($$1) in old) ? $$0 "; python_version >= \"3.11\"" : $$0 }'; \
+	  sed -n '/^# --- Python 3.10/,$$p' constraints.txt; } > constraints.new && mv constraints.new constraints.txt
 
 clean:
 	rm -rf _build _vendor node_modules

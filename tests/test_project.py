@@ -31,14 +31,30 @@ def _environment_requirements() -> dict[str, Requirement]:
     return {canonicalize_name(Requirement(r).name): Requirement(r) for r in pip}
 
 
-def _constraints() -> dict[str, str]:
+def _supported_pythons() -> list[str]:
+    """The Python versions pyproject.toml's classifiers name (tests/test_install.py resolves each)."""
+    classifiers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["classifiers"]
+    return [c.rsplit(" :: ", 1)[1] for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)]
+
+
+def _constraints(python: str | None = None) -> dict[str, str]:
+    """constraints.txt's pins for a Python version (default: this one), its markers evaluated there."""
+    import sys
+
+    from packaging.requirements import Requirement as Pin
+
+    python = python or "%d.%d" % sys.version_info[:2]
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
-            name, _, version = line.partition("==")
-            assert version, f"constraints.txt line {line!r} is not an exact pin"
-            pins[canonicalize_name(name)] = version
+            pin = Pin(line)
+            specs = list(pin.specifier)
+            assert len(specs) == 1 and specs[0].operator == "==", f"constraints.txt line {line!r} is not an exact pin"
+            if pin.marker is None or pin.marker.evaluate({"python_version": python}):
+                name = canonicalize_name(pin.name)
+                assert name not in pins, f"constraints.txt pins {name} twice for Python {python}"
+                pins[name] = specs[0].version
     return pins
 
 
@@ -57,14 +73,19 @@ def test_environment_yml_python_matches_requires_python():
     assert python.removeprefix("python") == requires
 
 
-def test_constraints_pin_every_dependency_within_its_range():
-    pins = _constraints()
+@pytest.mark.parametrize("python", _supported_pythons())
+def test_constraints_pin_every_dependency_within_its_range(python):
+    pins = _constraints(python)
+    teach = {canonicalize_name(Requirement(r).name) for r in
+             tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["teach"]}
     for name, req in _pyproject_requirements().items():
-        if req.marker is not None and not req.marker.evaluate():
+        if req.marker is not None and not req.marker.evaluate({"python_version": python}):
             continue   # not needed on this Python
-        assert name in pins, f"{name} is a dependency but constraints.txt does not pin it"
+        if name in teach and python == "3.10":
+            continue   # nbgrader 0.9.6 needs Python 3.11 (README, tests/test_install.py)
+        assert name in pins, f"{name} is a dependency but constraints.txt does not pin it for Python {python}"
         assert req.specifier.contains(pins[name], prereleases=True), \
-            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's range {req.specifier}"
+            f"constraints.txt pins {name}=={pins[name]} for Python {python}, outside pyproject's range {req.specifier}"
 
 
 def test_torch_is_pinned_to_the_cpu_build_version():
@@ -150,7 +171,7 @@ def test_notebook_tags_are_used_consistently(path):
         tags = set(cell.get("metadata", {}).get("tags", []))
         source = "".join(cell["source"])
         assert tags <= ALLOWED_TAGS, f"{path.name} cell {i}: unknown tags {tags - ALLOWED_TAGS}"
-        if cell["cell_type"] == "code" and source.lstrip().startswith("# Checks"):
+        if cell["cell_type"] == "code" and source.lstrip().startswith(("# Checks", "# Self-check")):
             assert "remove-cell" in tags, f"{path.name} cell {i}: a test cell must be tagged remove-cell"
         if cell["cell_type"] == "code" and "assignments" not in path.parts and "plt.show()" in source:
             drawing = _plotting_lines(source) > DRAWING_LINES
@@ -177,8 +198,26 @@ def test_notebook_starts_with_the_install_cell(path):
 
     colab = _colab()
     nb = nbformat.read(path, as_version=4)
-    assert colab.up_to_date(nb), (f"{path.relative_to(ROOT)}: the first code cell must install gradbook from "
-                                  "_config.yml's repository (run `python book/colab.py`)")
+    assert colab.install_cell_up_to_date(nb), (f"{path.relative_to(ROOT)}: the first code cell must install "
+                                               "gradbook's release from _config.yml's repository (run `python book/colab.py`)")
+
+
+@pytest.mark.parametrize("path", [p for p in _colab().notebooks() if "assignments" not in p.parts],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_hidden_assert_cells_are_marked_as_self_checks(path):
+    """A learner who opens a chapter in JupyterLab sees each hidden assert cell collapsed, and its first
+    line says what it is (`# Self-check:`); `python book/colab.py` marks them."""
+    import nbformat
+
+    colab = _colab()
+    nb = nbformat.read(path, as_version=4)
+    hidden = [c for c in nb.cells if c.cell_type == "code" and "remove-cell" in c.metadata.get("tags", [])
+              and "assert" in c.source and c.get("id") != colab.CELL_ID]
+    assert hidden == colab.self_check_cells(path, nb) and hidden
+    unmarked = [i for i, c in enumerate(nb.cells) if c in hidden and not (
+        c.source.splitlines()[0].startswith("# Self-check: ")
+        and c.metadata.get("jupyter", {}).get("source_hidden") is True)]
+    assert not unmarked, f"{path.relative_to(ROOT)}: cells {unmarked} are not marked (run `python book/colab.py`)"
 
 
 def _run_install_cell(gradbook_importable: bool) -> list:
@@ -210,10 +249,85 @@ def test_the_install_cell_does_nothing_where_gradbook_is_installed():
     assert _run_install_cell(gradbook_importable=True) == []
 
 
-def test_the_install_cell_installs_gradbook_from_the_repository_where_it_is_missing():
+def _pyproject_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_the_install_cell_installs_the_release_from_the_repository_where_it_is_missing():
     calls = _run_install_cell(gradbook_importable=False)
-    url, branch = _colab().repository()
-    assert calls == [("pip", f'install --quiet "gradbook @ git+{url}@{branch}"')], calls
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    assert calls == [("pip", f'install --quiet "gradbook @ git+{url}@v{_pyproject_version()}"')], calls
+
+
+# --- Releases: pyproject's version, the tag the notebooks install, the changelog ------------------------
+
+def _changelog_versions() -> list[tuple[str, str]]:
+    """(version, date or "unreleased") of each CHANGELOG.md entry, newest first."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    return re.findall(r"^## \[(\d+\.\d+\.\d+)\] - (\d{4}-\d{2}-\d{2}|unreleased)\s*$", text, flags=re.M)
+
+
+def test_pyproject_the_install_cells_and_the_changelog_agree_on_the_version():
+    from packaging.version import Version
+
+    version = _pyproject_version()
+    entries = _changelog_versions()
+    assert entries, "CHANGELOG.md has no '## [x.y.z] - date' entry"
+    assert entries[0][0] == version, f"CHANGELOG.md's newest entry is {entries[0][0]}, pyproject.toml says {version}"
+    assert [Version(v) for v, _ in entries] == sorted((Version(v) for v, _ in entries), reverse=True)
+    assert all(d != "unreleased" for _, d in entries[1:]), "only the newest entry may be unreleased"
+    text = (ROOT / "CHANGELOG.md").read_text()
+    for v, _ in entries:   # every entry links to its tag (or its comparison with the previous one)
+        assert re.search(rf"^\[{re.escape(v)}\]: \S+v{re.escape(v)}\s*$", text, flags=re.M), f"no link for {v}"
+    colab = _colab()
+    assert colab.release_tag() == f"v{version}"
+    stale = [str(p.relative_to(ROOT)) for p in colab.notebooks()
+             if f"@v{version}\"" not in json.loads(p.read_text())["cells"][_first_code_index(p)]["source"][-1]]
+    assert not stale, f"install cells not pinned to v{version}: {stale} (run `python book/colab.py`)"
+
+
+def _first_code_index(path) -> int:
+    cells = json.loads(path.read_text())["cells"]
+    return next(i for i, c in enumerate(cells) if c["cell_type"] == "code")
+
+
+def test_the_package_reports_the_version_of_pyproject():
+    import gradbook
+
+    assert gradbook.__version__ == _pyproject_version(), (
+        f"gradbook.__version__ is {gradbook.__version__}, pyproject.toml says {_pyproject_version()}")
+
+
+def test_released_versions_are_tagged_where_the_tags_are_known():
+    """A dated entry of the changelog is a release: where git knows the repository's tags (a clone with
+    tags; CI's checkout may have none, then there is nothing to compare), its tag exists."""
+    import subprocess
+
+    tags = subprocess.run(["git", "tag", "--list", "v*"], cwd=ROOT, capture_output=True, text=True)
+    if tags.returncode != 0 or not tags.stdout.split():
+        pytest.skip("no git tags in this checkout")
+    released = [v for v, d in _changelog_versions() if d != "unreleased"]
+    missing = [v for v in released if f"v{v}" not in tags.stdout.split()]
+    assert not missing, f"released in CHANGELOG.md but not tagged: {missing}"
+
+
+# --- Licences: the files, the package metadata and the site's footer agree ---------------------------
+
+def test_licences_agree_everywhere():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    code = (ROOT / "LICENSE").read_text()
+    text = (ROOT / "LICENSE-TEXT").read_text()
+    assert code.startswith("MIT License") and "Permission is hereby granted, free of charge" in code
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert not [c for c in project.get("classifiers", []) if c.startswith("License ::")], \
+        "a License classifier next to an SPDX license expression (PEP 639 forbids both)"
+    assert "Creative Commons Attribution 4.0 International Public License" in text
+    assert "https://creativecommons.org/licenses/by/4.0/" in text and "LICENSE" in text
+    footer = yaml.safe_load((ROOT / "_config.yml").read_text())["html"]["extra_footer"]
+    assert 'href="https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a>' in footer
+    assert "MIT License" in footer
+    readme = (ROOT / "README.md").read_text()
+    assert "CC BY 4.0 (`LICENSE-TEXT`)" in readme and re.search(r"MIT\s+License \(`LICENSE`\)", readme)
 
 
 def test_the_repository_address_is_the_same_everywhere():
