@@ -1,8 +1,9 @@
 """Generate the student versions of the assignments: `python book/assignments/release.py` (or `make release`).
 
 Runs `nbgrader generate_assignment` for every assignment in source/ whose student version in release/ is
-missing or older than its source, without a gradebook database (the release folder is git-ignored; the
-book's site shows these student versions). Pass --force to regenerate all of them.
+missing or older than its source or than the course's configuration (nbgrader_config.py, which also points
+the student versions' links to the book's website), without a gradebook database (the release folder is
+git-ignored; the book's site shows these student versions). Pass --force to regenerate all of them.
 """
 import pathlib
 import subprocess
@@ -14,6 +15,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 def outdated(name: str) -> bool:
     released = HERE / "release" / name / f"{name}.ipynb"
     sources = [p for p in (HERE / "source" / name).rglob("*") if p.is_file()]
+    sources += [HERE / "nbgrader_config.py", pathlib.Path(__file__).resolve()]
     return not released.exists() or max(p.stat().st_mtime for p in sources) > released.stat().st_mtime
 
 
