@@ -68,6 +68,16 @@ def test_no_assignment_solution_on_the_website(build):
     check_site_has_no_solutions(HTML)
 
 
+def test_every_page_states_the_licences(build):
+    """The footer of every page names the text's licence (CC BY 4.0) and the code's (MIT), as _config.yml
+    says (tests/test_project.py checks that it agrees with LICENSE, LICENSE-TEXT and pyproject.toml)."""
+    assert build.returncode == 0
+    missing = [f for f in toc_files() if not all(
+        s in (HTML / f"{f}.html").read_text()
+        for s in ('href="https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a>', "MIT License"))]
+    assert not missing, f"pages without the licence footer: {missing}"
+
+
 def test_citations_resolve_to_the_bibliography(build):
     page = (HTML / "book" / "gradients-through-depth.html").read_text()
     assert "bibliography.html#id" in page or "bibliography.html#" in page
@@ -192,6 +202,35 @@ def _open(browser, url, width=1280, height=900):
     return page, errors, failed
 
 
+# Display equations whose content a reader cannot see: for each MathJax display equation, its rendered box
+# is followed up the page; an ancestor that hides overflow and is narrower than the box cuts it off, an
+# ancestor that scrolls (overflow auto/scroll) shows all of it (the reader scrolls), and the window is the
+# last boundary. Returns "equation (n): x px of y cut off" descriptions.
+_CLIPPED_MATH = """() => {
+  const out = [];
+  document.querySelectorAll('mjx-container[display="true"]').forEach((eq, k) => {
+    const math = eq.querySelector('mjx-math') || eq;
+    let box = math.getBoundingClientRect();
+    const width = box.width;
+    let cut = 0;
+    for (let el = math.parentElement; el && el !== document.documentElement; el = el.parentElement) {
+      const ox = getComputedStyle(el).overflowX;
+      if (ox === 'visible') continue;
+      const r = el.getBoundingClientRect();
+      if (ox === 'auto' || ox === 'scroll') { box = r; continue; }      // scrolls: all of it can be seen
+      cut = Math.max(cut, box.right - r.right, r.left - box.left);    // hidden or clip
+    }
+    cut = Math.max(cut, box.right - document.documentElement.clientWidth, -box.left);
+    if (cut > 1) {
+      const div = eq.closest('div.math');
+      const no = div && div.querySelector('.eqno') ? div.querySelector('.eqno').innerText.trim() : '#' + (k + 1);
+      out.push(`equation ${no}: ${Math.round(cut)} px of ${Math.round(width)} cut off`);
+    }
+  });
+  return out;
+}"""
+
+
 def _site_pages():
     return [f"{f}.html" for f in toc_files()] + ["search.html", "genindex.html", "py-modindex.html"]
 
@@ -202,10 +241,11 @@ def visited(browser):
     fetched, and the bytes of each (so that page weight and unread files can be reported from one visit)."""
     _, base = browser
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    problems, fetched, weights = [], set(), {}
+    problems, fetched, weights, clipped = [], set(), {}, []
     for rel in _site_pages():
         page, errors, failed = _open(browser, f"{base}/{rel}")
         try:
+            clipped += [f"{rel}: {c}" for c in page.evaluate(_CLIPPED_MATH)]
             problems += [f"{rel}: console error: {e}" for e in errors]
             problems += [f"{rel}: failed request: {f}" for f in failed]
             source = (HTML / rel).read_text()
@@ -239,13 +279,21 @@ def visited(browser):
                 page.screenshot(path=str(SCREENSHOTS / rel.replace("/", "_").replace(".html", ".png")), full_page=False)
         finally:
             page.close()
-    return problems, fetched, weights
+    return problems, fetched, weights, clipped
 
 
 def test_every_page_in_a_browser(visited):
     """No console errors, no failed requests, math rendered, images loaded with alt text, sidebar links resolve."""
-    problems, _, _ = visited
+    problems, _, _, _ = visited
     assert not problems, "\n".join(problems[:40])
+
+
+def test_display_math_is_never_cut_off(visited):
+    """At 1280 px, every page's display equations are seen whole: a wide one scrolls inside itself
+    (book/_static/gradbook.css) instead of being cut off at the article's edge. (At a phone's width:
+    test_pages_fit_a_phone_screen.)"""
+    _, _, _, clipped = visited
+    assert not clipped, "\n".join(clipped)
 
 
 def test_page_weight_is_reported(visited):
@@ -253,7 +301,7 @@ def test_page_weight_is_reported(visited):
     most static hosts serve it), written to _build/page-weight.txt for the notes."""
     import gzip
 
-    _, _, weights = visited
+    _, _, weights, _ = visited
     size = functools.cache(lambda f: (f.stat().st_size, len(gzip.compress(f.read_bytes(), 6))))
     lines = [f"{'page':58s} {'files':>5s} {'HTML KB':>8s} {'total KB':>9s} {'gzip KB':>8s}"]
     for rel, files in weights.items():
@@ -273,7 +321,7 @@ ON_DEMAND = ("_static/mathjax/input/tex/extensions/", "_static/mathjax/a11y/", "
 def test_the_site_ships_no_source_maps_or_unread_bundles(visited):
     """Every script and style sheet the site ships is fetched by some page (or is loaded on demand, above),
     and no source map, or comment pointing to one, is shipped."""
-    _, fetched, _ = visited
+    _, fetched, _, _ = visited
     static = HTML / "_static"
     maps = [str(f.relative_to(HTML)) for f in static.rglob("*.map")]
     assert not maps, f"source maps shipped: {maps}"
@@ -287,7 +335,8 @@ def test_the_site_ships_no_source_maps_or_unread_bundles(visited):
 
 def test_pages_fit_a_phone_screen(browser):
     """At a phone's width (390 px) no page is wider than the screen: long inline code and API signatures
-    wrap (book/_static/gradbook.css), code blocks and wide math scroll inside themselves."""
+    wrap (book/_static/gradbook.css), code blocks and wide math scroll inside themselves, and no display
+    equation is cut off."""
     _, base = browser
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     wide = []
@@ -297,6 +346,7 @@ def test_pages_fit_a_phone_screen(browser):
             width, screen = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
             if width > screen:
                 wide.append(f"{rel}: {width} px wide on a {screen} px screen")
+            wide += [f"{rel} at {screen} px: {c}" for c in page.evaluate(_CLIPPED_MATH)]
             if rel == "book/vanishing/relu.html":
                 page.screenshot(path=str(SCREENSHOTS / "phone_book_vanishing_relu.png"))
         finally:
