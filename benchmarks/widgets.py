@@ -1,4 +1,4 @@
-"""Latency of the interactive explorers (gradbook.widgets): from setting a dial to the figure redrawn.
+"""Latency of the interactive explorers (gradbook.explorers): from setting a dial to the figure redrawn.
 
     python benchmarks/widgets.py [--repeats 12]
 
@@ -38,12 +38,12 @@ def main() -> None:
         "clipping": [("lr", [0.3, 3.0, 0.1, 2.0, 0.5]), ("mode", ["none", "value", "norm"]),
                      ("threshold", [0.3, 3.0, 0.1, 10.0])],
     }
-    print(f"gradbook.widgets: latency from setting a dial to the redrawn figure ({args.repeats} settings each)")
+    print(f"gradbook.explorers: latency from setting a dial to the redrawn figure ({args.repeats} settings each)")
     for name, dials in moves.items():
         sequence = list(itertools.islice(itertools.cycle([(d, v) for d, vs in dials for v in vs]), args.repeats))
         times = {}
         for kind in ("new", "revisited"):   # the second pass replays the same moves: every result is cached
-            ex = getattr(gb.widgets, name)()
+            ex = getattr(gb.explorers, name)()
             ex.widget   # build the widgets and draw the first figure (imports, first render: not counted)
             times[kind] = []
             for dial, value in sequence:

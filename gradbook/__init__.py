@@ -13,16 +13,20 @@ from __future__ import annotations
 import os
 import random
 
-from . import activations, data, diagnosis, init, measure, nets, plot, scratch, theory, toys, train, widgets
-from ._book import glue
+from . import (activations, book, data, diagnosis, explorers, init, measure, nets, plot, progress, records,
+               remedies, scratch, theory, toys, train, widgets)
+from .book import glue
 from .diagnosis import Diagnosis, diagnose
-from .measure import Snapshot, Trace, gradients, watch
+from .measure import gradients
 from .nets import lstm, mlp, rnn
+from .records import Snapshot, Trace
 from .train import History, evaluate, fit
+from .watch import watch
 
 __version__ = "0.1.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
-           "History", "Snapshot", "Trace", "activations", "data", "diagnosis", "init", "measure", "nets", "plot", "scratch", "theory", "toys", "train", "widgets",
+           "History", "Snapshot", "Trace", "activations", "book", "data", "diagnosis", "explorers", "init", "measure",
+           "nets", "plot", "progress", "records", "remedies", "scratch", "theory", "toys", "train", "widgets",
            "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0

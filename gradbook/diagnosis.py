@@ -27,6 +27,7 @@ gradient is always ``"exploding"``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,46 +36,14 @@ import torch
 from torch import nn
 
 from . import measure as _measure
+from .records import Trace, activation_modules, layers, recurrent_modules, weight_tensors
+from .remedies import Remedy, prescribe
+from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
-__all__ = ["diagnose", "from_trace", "Diagnosis", "Remedy", "THRESHOLD", "VERDICTS", "CHAPTERS"]
+__all__ = ["diagnose", "from_trace", "Diagnosis", "VERDICTS", "log_change", "theil_sen"]
 
-#: Squared-norm change end to end, in depth scales, beyond which a profile vanishes or explodes.
-THRESHOLD = 6.0
 #: The verdicts :func:`diagnose` can give.
 VERDICTS = ["vanishing", "exploding", "healthy"]
-#: Fraction of an activation's inputs in saturation (phi' < 0.1 gamma) above which a layer is "saturated".
-SATURATED = 0.5
-#: Fraction of units dead on the whole batch above which a layer is "dying".
-DEAD = 0.5
-
-#: The book's chapters that the remedies point to (document names relative to the book's folder).
-CHAPTERS = {
-    "activations": "vanishing/activations",
-    "initialization": "vanishing/initialization",
-    "relu": "vanishing/relu",
-    "xavier-he": "vanishing/xavier-he",
-    "batch-norm": "vanishing/batch-norm",
-    "depth-init": "exploding/depth-init",
-    "rnn": "exploding/rnn",
-    "clipping": "exploding/clipping",
-    "recurrent-init": "exploding/recurrent-init",
-    "regularization": "exploding/regularization",
-    "architectures": "beyond/architectures",
-    "theory": "beyond/theory",
-}
-
-
-@dataclass
-class Remedy:
-    """One suggested fix: what to do, why it fits this model, and the chapter that explains it."""
-
-    action: str
-    reason: str
-    chapter: str
-
-    def __str__(self) -> str:
-        return f"{self.action} ({self.reason}; see {self.chapter})"
-
 
 @dataclass
 class Diagnosis:
@@ -109,7 +78,8 @@ class Diagnosis:
         return None if self.lr is None else self.lr * self.relative_grad
 
     def report(self) -> str:
-        """A readable text report: verdict, evidence per profile and per layer, remedies."""
+        """A readable text report: verdict, evidence per profile and per layer, remedies. The figure of the
+        same evidence is :func:`gradbook.plot.diagnosis`."""
         out = [f"Verdict: {self.verdict.upper()}. {self.reason}"]
         if self.start is not None:
             out.append(f"The trouble starts at: {self.start}")
@@ -139,41 +109,20 @@ class Diagnosis:
     def __str__(self) -> str:
         return self.report()
 
-    def plot(self, axes=None):
-        """Draw the evidence: relative gradient per layer, activation std, saturation and dead fraction."""
-        import matplotlib.pyplot as plt
 
-        from .plot import PALETTE
-
-        panels = 3 if self.time_grad is None else 4
-        if axes is None:
-            _, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.2), constrained_layout=True)
-        ax = axes[0]
-        idx = np.arange(1, len(self.layers) + 1)
-        ax.semilogy(idx, _positive(self.relative_grad), "o-", color=PALETTE[0], ms=3)
-        ax.set(xlabel="layer (input to output)", ylabel="|dL/dW| / |W|", title="backward")
-        ax = axes[1]
-        if self.activations:
-            ax.semilogy(np.arange(1, len(self.activations) + 1), _positive(self.act_std), "o-", color=PALETTE[1], ms=3)
-        ax.set(xlabel="activation layer", ylabel="output std", title="forward")
-        ax = axes[2]
-        if self.activations:
-            j = np.arange(1, len(self.activations) + 1)
-            ax.plot(j, self.saturated, "o-", color=PALETTE[2], ms=3, label="saturated")
-            ax.plot(j, self.dead, "s-", color=PALETTE[3], ms=3, label="dead")
-            ax.legend()
-        ax.set(xlabel="activation layer", ylabel="fraction", ylim=(-0.05, 1.05), title="units")
-        if self.time_grad is not None:
-            ax = axes[3]
-            ax.semilogy(np.arange(1, len(self.time_grad) + 1), _positive(self.time_grad), "-", color=PALETTE[4])
-            ax.set(xlabel="input time step", ylabel="|dL/dx_t|", title="through time")
-        axes[0].figure.suptitle(f"verdict: {self.verdict}")
-        return axes
+def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The Theil-Sen line through the points (x, y): the median of all pairwise slopes, and the median
+    intercept (Theil 1950; Sen 1968). Robust to a few odd points, such as a read-out layer of another shape."""
+    i, j = np.triu_indices(len(x), k=1)
+    slope = float(np.median((y[j] - y[i]) / (x[j] - x[i])))
+    return slope, float(np.median(y - slope * x))
 
 
-def _positive(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=float)
-    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+def _log_points(profile) -> tuple[np.ndarray, np.ndarray]:
+    """(index, log value) of a profile's entries that are finite and positive."""
+    y = np.asarray(profile, dtype=float)
+    keep = np.flatnonzero(np.isfinite(y) & (y > 0))
+    return keep, np.log(y[keep])
 
 
 def log_change(profile: np.ndarray) -> float:
@@ -181,61 +130,38 @@ def log_change(profile: np.ndarray) -> float:
 
     Entries that are zero, negative or not finite are left out; with fewer than two left, returns 0.
     """
-    y = np.asarray(profile, dtype=float)
-    keep = np.isfinite(y) & (y > 0)
-    x = np.arange(len(y))[keep]
-    y = np.log(y[keep])
-    if len(y) < 2:
+    x, logs = _log_points(profile)
+    if len(x) < 2:
         return 0.0
-    i, j = np.triu_indices(len(y), k=1)
-    slope = np.median((y[j] - y[i]) / (x[j] - x[i]))
-    return float(slope * (x[-1] - x[0]))
+    return theil_sen(x, logs)[0] * float(x[-1] - x[0])
 
 
 def _crossing(profile: np.ndarray, sign: int) -> int | None:
     """Index of the first entry (walking the profile in order) more than e^{THRESHOLD/2} beyond the
     profile's healthy end: a norm change of e^3 is a squared-norm change of e^6, six depth scales.
 
-    The reference is the robust line through the log-profile (Theil-Sen slope, median intercept) at
-    the profile's first entry, so one odd first layer (a read-out) does not move it.
+    The reference is the Theil-Sen line through the log-profile at the profile's first entry, so one odd
+    first layer (a read-out) does not move it.
     """
-    y = np.asarray(profile, dtype=float)
-    keep = np.flatnonzero(np.isfinite(y) & (y > 0))
-    if len(keep) < 2:
+    x, logs = _log_points(profile)
+    if len(x) < 2:
         return None
-    logs = np.log(y[keep])
-    i, j = np.triu_indices(len(keep), k=1)
-    slope = np.median((logs[j] - logs[i]) / (keep[j] - keep[i]))
-    ref = np.median(logs - slope * (keep - keep[0]))
-    for k, v in zip(keep, logs):
-        if sign * (v - ref) > THRESHOLD / 2:
+    slope, intercept = theil_sen(x - x[0], logs)
+    for k, v in zip(x, logs):
+        if sign * (v - intercept) > THRESHOLD / 2:
             return int(k)
-    steps = int(np.ceil(THRESHOLD / 2 / abs(slope))) if slope != 0 else len(y)   # where the line crosses
-    return int(keep[0] + steps) if keep[0] + steps < len(y) else None
-
-
-def _recurrent(model: nn.Module) -> list[nn.Module]:
-    """The model's recurrent modules: torch's RNN/LSTM/GRU and anything with a ``states`` method."""
-    return [m for m in model.modules() if isinstance(m, nn.RNNBase) or hasattr(m, "states")]
+    steps = int(np.ceil(THRESHOLD / 2 / abs(slope))) if slope != 0 else len(profile)   # where the line crosses
+    return int(x[0] + steps) if x[0] + steps < len(profile) else None
 
 
 def _time_dim(model: nn.Module, inputs) -> int | None:
     """The time axis of a sequence model's input, or None for models that are not sequence models."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3 or not inputs.is_floating_point():
         return None
-    rnns = _recurrent(model)
+    rnns = recurrent_modules(model)
     if not rnns:
         return None
     return 0 if any(isinstance(m, nn.RNNBase) and not m.batch_first for m in rnns) else 1
-
-
-def _through_time(model, inputs, targets, loss_fn, dim) -> np.ndarray:
-    x = inputs.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), _measure._kept_buffers(model):   # grad w.r.t. x only: no parameter's .grad changes
-        out = _measure._first_tensor(model(x))
-        (g,) = torch.autograd.grad((loss_fn or _measure._default_loss)(out, targets), x)
-    other = [d for d in range(3) if d != dim]
-    return torch.linalg.vector_norm(g.double(), dim=other).cpu().numpy()
 
 
 def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *,
@@ -261,8 +187,8 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     Returns
     -------
     Diagnosis
-        ``.verdict``, the per-layer evidence, ``.start`` (where the trouble starts), ``.remedies``,
-        ``.report()`` and ``.plot()``. The thresholds are explained in :mod:`gradbook.diagnosis`.
+        ``.verdict``, the per-layer evidence, ``.start`` (where the trouble starts), ``.remedies``
+        (:mod:`gradbook.remedies`) and ``.report()``; :func:`gradbook.plot.diagnosis` draws it. The thresholds are explained in :mod:`gradbook.diagnosis`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"diagnose needs a torch.nn.Module, got {type(model).__name__}")
@@ -270,32 +196,32 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if time_dim is not None and time_dim not in (0, 1):
         raise ValueError(f"time_dim must be 0 or 1 (the time axis of a (batch, time, features) input), got {time_dim!r}")
-    named = _measure.layers(model)
+    named = layers(model)
     if not named:
         raise ValueError("the model has no trainable Linear, Conv, RNN or Embedding layer to diagnose")
     snap = _measure.gradients(model, inputs, targets, loss_fn)
     dim = time_dim if time_dim is not None else _time_dim(model, inputs)
-    tgrad = _through_time(model, inputs, targets, loss_fn, dim) if dim is not None else None
+    tgrad = _measure.input_gradients(model, inputs, targets, loss_fn, dim) if dim is not None else None
     return _from_evidence(model, named, snap.weight_grad_norm, snap.grad_norm, snap.act_std, snap.saturated,
                           snap.dead, tgrad, lr)
 
 
-def from_trace(model: nn.Module, trace: "_measure.Trace", lr: float | None = None) -> Diagnosis:
+def from_trace(model: nn.Module, trace: Trace, lr: float | None = None) -> Diagnosis:
     """A :class:`Diagnosis` over a window of training steps recorded by :class:`gradbook.measure.watch`.
 
     Each per-layer quantity is the median over the recorded steps of ``trace`` (which must have been
     recorded with ``level="full"``), so one unusual batch does not decide the verdict; the weights'
-    norms are the model's current ones. ``watch.diagnose()`` calls this for you.
+    norms are the model's current ones. For a :class:`gradbook.watch.watch` ``w``:
+    ``from_trace(model, w.trace)``.
     """
     if trace.act_std is None:
         raise ValueError("diagnosing a trace needs level='full' (it has only weight-gradient norms); "
                          "watch the model with level='full'")
     if len(trace) == 0:
         raise ValueError("the trace is empty: no step has been recorded yet")
-    named = _measure.layers(model)
+    named = layers(model)
     if trace.layers != [n for n, _ in named]:
         raise ValueError("the trace was not recorded on this model (its layers differ)")
-    import warnings
     with warnings.catch_warnings():   # all-NaN columns (layers never reached) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         med = {k: np.nanmedian(getattr(trace, k), axis=0) for k in ("grad_norm", "act_std", "saturated", "dead")}
@@ -306,8 +232,8 @@ def from_trace(model: nn.Module, trace: "_measure.Trace", lr: float | None = Non
 
 
 def _from_evidence(model, named, wgrad, gnorm, act_std, saturated, dead, tgrad, lr) -> Diagnosis:
-    acts = _measure.activation_modules(model)
-    wnorm = np.array([float(torch.sqrt(sum((w.detach().double() ** 2).sum() for w in _measure.weight_tensors(m))))
+    acts = activation_modules(model)
+    wnorm = np.array([float(torch.sqrt(sum((w.detach().double() ** 2).sum() for w in weight_tensors(m))))
                       for _, m in named])
     wgrad = np.asarray(wgrad, dtype=float)
     reached = wgrad > 0   # frozen or unused layers have no gradient: leave them out of the profile
@@ -339,8 +265,8 @@ def _label(pair) -> str:
 
 def _decide(d: Diagnosis, model: nn.Module, named: list, acts: list) -> None:
     """Fill verdict, reason, start and remedies from the evidence (``named``, ``acts``: the model's
-    measured layers and activation modules, as :func:`gradbook.measure.layers` and
-    :func:`gradbook.measure.activation_modules` list them)."""
+    measured layers and activation modules, as :func:`gradbook.records.layers` and
+    :func:`gradbook.records.activation_modules` list them)."""
     if d.nonfinite is not None:
         d.verdict, d.start = "exploding", d.nonfinite
         d.reason = f"the gradient is not finite (first seen from the output side in {d.nonfinite})"
@@ -367,69 +293,4 @@ def _decide(d: Diagnosis, model: nn.Module, named: list, acts: list) -> None:
             else:
                 k = _crossing(d.time_grad[::-1], sign)
                 d.start = None if k is None else f"input time step {len(d.time_grad) - 1 - k} (counting from 0)"
-    d.remedies = _remedies(d, model)
-
-
-def _remedies(d: Diagnosis, model: nn.Module) -> list[Remedy]:
-    if d.verdict == "healthy":
-        return []
-    recurrent = bool(_recurrent(model))
-    gated = any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for m in model.modules())
-    normed = any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)) for m in model.modules())
-    acts = {type(m).__name__ for m in model.modules()}
-    squashing = bool({"Sigmoid", "Tanh"} & acts)
-    saturated = [d.activations[j] for j in range(len(d.activations)) if d.saturated[j] > SATURATED]
-    dead = [d.activations[j] for j in range(len(d.activations)) if d.dead[j] > DEAD]
-    relu_like = bool({"ReLU", "LeakyReLU", "ELU", "GELU"} & acts)
-    C = CHAPTERS
-    out: list[Remedy] = []
-    if d.verdict == "exploding":
-        if recurrent:
-            out.append(Remedy("clip the gradient by its norm (torch.nn.utils.clip_grad_norm_)",
-                              "a recurrent layer multiplies the gradient by W_rec at every step", C["clipping"]))
-            out.append(Remedy("initialize W_rec orthogonal, or scale its largest singular value to about 1",
-                              "growth through time needs gamma * sigma_max(W_rec) > 1", C["recurrent-init"]))
-            if not gated:
-                out.append(Remedy("use an LSTM or GRU", "gates give the gradient a path that neither explodes nor vanishes",
-                                  C["architectures"]))
-        else:
-            out.append(Remedy("scale the initial weights down (He for ReLU, Xavier for tanh)",
-                              "weights too large multiply the signal by more than one per layer", C["depth-init"]))
-            out.append(Remedy("clip the gradient by its norm", "it bounds every step while the cause is fixed", C["clipping"]))
-            if not normed:
-                out.append(Remedy("add batch or layer normalization", "it resets the scale at every layer", C["batch-norm"]))
-        out.append(Remedy("add weight decay", "it keeps the weights' norms, and with them the growth, in check",
-                          C["regularization"]))
-        return out
-    # vanishing
-    if d.time_grad is not None and d.depth_scales.get("time", 0) < -THRESHOLD:
-        if not gated:
-            out.append(Remedy("use an LSTM or GRU with a positive forget-gate bias",
-                              "the gradient through time fades over the sequence", C["architectures"]))
-        out.append(Remedy("initialize W_rec orthogonal (or identity-scaled) with singular values near 1",
-                          "sigma_max(W_rec) < 1/gamma guarantees vanishing", C["recurrent-init"]))
-    if saturated:
-        span = saturated[0] if len(saturated) == 1 else f"{saturated[0]} ... {saturated[-1]}"
-        out.append(Remedy("use ReLU (with He initialization) instead of sigmoid/tanh",
-                          f"{len(saturated)} activation layer(s) saturate ({span})", C["relu"]))
-        if not normed:
-            out.append(Remedy("add batch normalization before the activations",
-                              "it keeps the pre-activations out of saturation", C["batch-norm"]))
-    if dead:
-        out.append(Remedy("lower the learning rate, or use leaky ReLU / ELU",
-                          f"{len(dead)} layer(s) have more than half their units dead ({dead[0]} ...)", C["relu"]))
-    if relu_like and not saturated:
-        out.append(Remedy("use He initialization (weights with variance 2/fan_in)",
-                          "ReLU halves the signal's second moment; He's variance restores it per layer", C["xavier-he"]))
-    if "Sigmoid" in acts and not saturated:
-        out.append(Remedy("replace sigmoid by tanh (with Xavier initialization) or ReLU (with He initialization)",
-                          "sigmoid's derivative is at most 1/4, so every sigmoid layer divides the gradient by 4 or more",
-                          C["activations"]))
-    elif squashing and not saturated:
-        out.append(Remedy("use Xavier (Glorot) initialization",
-                          "with variance 1/fan_in per layer the tanh signal keeps its scale", C["xavier-he"]))
-    if not normed and not recurrent:
-        out.append(Remedy("add batch or layer normalization", "it resets the scale at every layer", C["batch-norm"]))
-    out.append(Remedy("add residual connections", "an identity path carries the gradient past every layer",
-                      C["architectures"]))
-    return out
+    d.remedies = prescribe(d, model)

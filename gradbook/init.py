@@ -27,7 +27,10 @@ import torch
 from ._checks import choice
 
 __all__ = ["standard", "xavier_uniform", "xavier_normal", "he", "lecun", "orthogonal", "normal",
-           "names", "get", "variance", "fans"]
+           "names", "get", "variance", "fans", "torch_default_bias", "ENSEMBLES"]
+
+#: Random-matrix ensembles for whole weight matrices: i.i.d. Gaussian entries, or a scaled orthogonal matrix.
+ENSEMBLES = ["gaussian", "orthogonal"]
 
 
 def fans(weight: torch.Tensor) -> tuple[int, int]:
@@ -55,8 +58,7 @@ def standard(weight: torch.Tensor, generator: torch.Generator | None = None) -> 
     Glorot & Bengio (2010), eq. 1. With it, tanh activations and back-propagated gradients shrink
     layer by layer, since each layer multiplies their variance by about n Var(W) = 1/3.
     """
-    fan_in, _ = fans(weight)
-    return _uniform_(weight, 1.0 / (3.0 * fan_in), generator)
+    return _uniform_(weight, variance("standard", *fans(weight)), generator)
 
 
 def xavier_uniform(weight: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -65,14 +67,12 @@ def xavier_uniform(weight: torch.Tensor, gain: float = 1.0, generator: torch.Gen
     Glorot & Bengio (2010), eq. 16: Var(W) = gain^2 * 2 / (fan_in + fan_out), the compromise between
     keeping forward variance (fan_in Var W = 1) and backward variance (fan_out Var W = 1).
     """
-    fan_in, fan_out = fans(weight)
-    return _uniform_(weight, gain**2 * 2.0 / (fan_in + fan_out), generator)
+    return _uniform_(weight, variance("xavier_uniform", *fans(weight), gain=gain), generator)
 
 
 def xavier_normal(weight: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """W ~ N(0, gain^2 * 2 / (fan_in + fan_out)): Glorot & Bengio's (2010) eq. 12 variance, Gaussian."""
-    fan_in, fan_out = fans(weight)
-    return _normal_(weight, gain**2 * 2.0 / (fan_in + fan_out), generator)
+    return _normal_(weight, variance("xavier_normal", *fans(weight), gain=gain), generator)
 
 
 def he(weight: torch.Tensor, mode: str = "fan_in", negative_slope: float = 0.0,
@@ -83,9 +83,7 @@ def he(weight: torch.Tensor, mode: str = "fan_in", negative_slope: float = 0.0,
     negative slope of a leaky ReLU (0 for ReLU). It keeps the variance of ReLU activations constant
     through depth, since a ReLU halves the second moment of a symmetric input.
     """
-    fan_in, fan_out = fans(weight)
-    n = {"fan_in": fan_in, "fan_out": fan_out}[choice("mode", mode, ["fan_in", "fan_out"])]
-    return _normal_(weight, 2.0 / ((1.0 + negative_slope**2) * n), generator)
+    return _normal_(weight, variance("he", *fans(weight), mode=mode, negative_slope=negative_slope), generator)
 
 
 def lecun(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,8 +91,7 @@ def lecun(weight: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
     LeCun, Bottou, Orr & Mueller (1998), "Efficient BackProp", sect. 4.6 (std = fan_in^-1/2).
     """
-    fan_in, _ = fans(weight)
-    return _normal_(weight, 1.0 / fan_in, generator)
+    return _normal_(weight, variance("lecun", *fans(weight)), generator)
 
 
 def orthogonal(weight: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -121,9 +118,18 @@ def normal(weight: torch.Tensor, std: float, generator: torch.Generator | None =
     With std = sigma_w / sqrt(fan_in) it is the mean-field convention of Poole et al. (2016) and
     Schoenholz et al. (2017): Var(W) = sigma_w^2 / fan_in.
     """
-    if not std >= 0:
-        raise ValueError(f"std must be >= 0, got {std!r}")
-    return _normal_(weight, float(std) ** 2, generator)
+    return _normal_(weight, variance("normal", 1, 1, std=std), generator)   # no fan enters this variance
+
+
+def torch_default_bias(bias: torch.Tensor, fan_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A bias drawn as ``torch.nn.Linear`` and ``Conv`` draw theirs by default: U[-1/sqrt(fan_in), 1/sqrt(fan_in)].
+
+    gradbook's networks start their biases at zero; this is the bias a model built from plain
+    ``nn.Linear`` layers starts with (variance 1 / (3 fan_in), as :func:`standard`'s weights).
+    """
+    bound = fan_in ** -0.5
+    with torch.no_grad():
+        return bias.uniform_(-bound, bound, generator=generator)
 
 
 _INITS: dict[str, Callable] = {
@@ -148,7 +154,8 @@ def get(name: str) -> Callable:
 
 
 def variance(name: str, fan_in: int, fan_out: int, **kwargs) -> float:
-    """The variance Var(W) that initializer ``name`` draws each weight with.
+    """The variance Var(W) that initializer ``name`` draws each weight with: every formula of the table at
+    the top of this module, in one place (the initializers draw with it).
 
     ``kwargs`` are the initializer's own (``gain``, ``mode``, ``negative_slope``, ``std``).
     """
@@ -159,7 +166,7 @@ def variance(name: str, fan_in: int, fan_out: int, **kwargs) -> float:
     if name in ("xavier_uniform", "xavier_normal"):
         return gain**2 * 2.0 / (fan_in + fan_out)
     if name == "he":
-        n = fan_in if kwargs.get("mode", "fan_in") == "fan_in" else fan_out
+        n = {"fan_in": fan_in, "fan_out": fan_out}[choice("mode", kwargs.get("mode", "fan_in"), ["fan_in", "fan_out"])]
         return 2.0 / ((1.0 + kwargs.get("negative_slope", 0.0) ** 2) * n)
     if name == "lecun":
         return 1.0 / fan_in
@@ -167,4 +174,6 @@ def variance(name: str, fan_in: int, fan_out: int, **kwargs) -> float:
         return gain**2 / max(fan_in, fan_out)
     if "std" not in kwargs:
         raise ValueError("init 'normal' needs std=..., the standard deviation of the weights")
+    if not kwargs["std"] >= 0:
+        raise ValueError(f"std must be >= 0, got {kwargs['std']!r}")
     return float(kwargs["std"]) ** 2

@@ -15,11 +15,14 @@ from torch import nn
 
 from . import activations as _acts
 from . import init as _init
-from ._checks import choice, positive_int
+from ._checks import choice, non_negative, positive_int
 
-__all__ = ["MLP", "Block", "ElmanRNN", "mlp", "rnn", "set_largest_singular_value", "set_spectral_radius"]
+__all__ = ["MLP", "Block", "ElmanRNN", "LSTM", "mlp", "mean_field_mlp", "rnn", "lstm", "set_largest_singular_value",
+           "set_spectral_radius", "BIASES"]
 
 NORMS = [None, "batch", "layer"]
+#: How :func:`mlp` starts its biases: at zero, or as ``torch.nn.Linear`` draws them (:func:`gradbook.init.torch_default_bias`).
+BIASES = ["zero", "torch"]
 
 
 def _initializer(init: str | Callable, init_kwargs: dict | None) -> Callable:
@@ -69,7 +72,7 @@ class MLP(nn.Module):
 
 def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable = "he", *,
         in_dim: int | None = None, out_dim: int | None = None, norm: str | None = None,
-        residual: bool = False, branch_scale: float = 1.0, bias: bool = True,
+        residual: bool = False, branch_scale: float = 1.0, bias: bool = True, bias_init: str = "zero",
         init_kwargs: dict | None = None) -> MLP:
     """A ``depth``-layer MLP of ``width`` units per hidden layer.
 
@@ -82,7 +85,11 @@ def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable =
     init : str or callable
         One of :func:`gradbook.init.names`, applied to every weight (readout included), or a function
         ``weight -> weight``; ``init_kwargs`` are passed on (e.g. ``{"std": 0.1}`` for ``"normal"``).
-        Biases start at zero.
+    bias, bias_init
+        Whether the Linear layers have biases, and how they start: ``"zero"`` (default) or ``"torch"``,
+        as a plain ``nn.Linear`` draws them, U[-1/sqrt(fan_in), 1/sqrt(fan_in)] (the bias a model built
+        from ``nn.Linear`` layers has; with saturating activations it matters, see the book's chapter on
+        initialization).
     in_dim, out_dim : int, optional
         Input size (default ``width``) and the size of a final Linear readout (default: no readout).
     norm : None, "batch" or "layer"
@@ -102,12 +109,16 @@ def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable =
     choice("norm", norm, NORMS)
     in_dim = width if in_dim is None else positive_int("in_dim", in_dim)
     init_fn = _initializer(init, init_kwargs)
+    choice("bias_init", bias_init, BIASES)
 
     def linear(n_in, n_out, with_bias):
         layer = nn.Linear(n_in, n_out, bias=with_bias)
         init_fn(layer.weight)
         if layer.bias is not None:
-            nn.init.zeros_(layer.bias)
+            if bias_init == "torch":
+                _init.torch_default_bias(layer.bias, n_in)
+            else:
+                nn.init.zeros_(layer.bias)
         return layer
 
     blocks = []
@@ -128,6 +139,38 @@ def mlp(depth: int, width: int, activation: str = "relu", init: str | Callable =
                     block.linear.weight.mul_(branch_scale)
     readout = linear(width, positive_int("out_dim", out_dim), bias) if out_dim is not None else None
     return MLP(blocks, readout)
+
+
+def mean_field_mlp(depth: int, width: int, activation: str, sigma_w: float, sigma_b: float = 0.0, *,
+                   weights: str = "gaussian", in_dim: int | None = None, out_dim: int | None = None):
+    """A :func:`gradbook.nets.mlp` drawn exactly as the mean-field theory assumes: no readout,
+    W ~ N(0, sigma_w^2 / fan_in) (or ``weights="orthogonal"``: a scaled orthogonal matrix with every
+    singular value sigma_w) and b ~ N(0, sigma_b^2) (``sigma_b = 0``: no biases at all).
+
+    ``in_dim`` and ``out_dim`` are as for :func:`gradbook.nets.mlp` (the readout, if any, gets weights of
+    variance sigma_w^2 / width and a zero bias). It uses torch's global random generator, so
+    ``torch.manual_seed`` (or :func:`gradbook.setup`) fixes it.
+    """
+    choice("weights", weights, _init.ENSEMBLES)
+    non_negative("sigma_w", sigma_w)
+    non_negative("sigma_b", sigma_b)
+    n_in = width if in_dim is None else positive_int("in_dim", in_dim)
+    init, kwargs = (("normal", {"std": sigma_w / math.sqrt(n_in)}) if weights == "gaussian"
+                    else ("orthogonal", {"gain": sigma_w}))
+    if weights == "gaussian" and n_in != width:   # "normal" has one std for all layers: fix the others
+        net = mlp(depth, width, activation, "normal", in_dim=n_in, out_dim=out_dim, bias=sigma_b > 0,
+                  init_kwargs=kwargs)
+        with torch.no_grad():
+            for layer in [b.linear for b in list(net.layers)[1:]] + ([net.readout] if out_dim else []):
+                layer.weight.normal_(0.0, sigma_w / math.sqrt(width))
+    else:
+        net = mlp(depth, width, activation, init, in_dim=n_in, out_dim=out_dim, bias=sigma_b > 0,
+                  init_kwargs=kwargs)
+    if sigma_b > 0:
+        with torch.no_grad():
+            for block in net.layers:
+                block.linear.bias.normal_(0.0, sigma_b)
+    return net
 
 
 class ElmanRNN(nn.Module):

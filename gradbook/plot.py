@@ -1,14 +1,22 @@
-"""Plots in the book's house style: a colour-blind-safe palette, log axes for gradients, labelled axes."""
+"""Every figure of the package, in the book's house style: a colour-blind-safe palette, log axes for
+gradients, labelled axes.
+
+Gradient-flow profiles and loss curves, the panels of a diagnosis (:func:`diagnosis`), and the log-axis
+helpers the explorers use (:func:`log_axis`, :func:`log_limits`, :func:`finite_positive`). Nothing here
+measures: every function draws numbers it is given.
+"""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
 from ._checks import choice
-from .measure import Snapshot, Trace
+from .records import Snapshot, Trace
 
-__all__ = ["PALETTE", "style", "gradient_flow", "loss_curves"]
+__all__ = ["PALETTE", "style", "gradient_flow", "loss_curves", "diagnosis", "log_axis", "log_limits",
+           "power_of_ten", "finite_positive"]
 
 #: Okabe & Ito's colour-blind-safe palette (black first, then the eight hues minus yellow).
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -46,7 +54,7 @@ def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = Non
     """Per-layer gradient norms on a log axis, one line per record; layer 1 is nearest the input.
 
     ``which="weight"`` draws ||dL/dW|| per layer, ``which="backprop"`` the back-propagated ||dL/dy||.
-    A :class:`~gradbook.measure.Trace` is drawn at its last recorded step. Returns the axes.
+    A :class:`~gradbook.records.Trace` is drawn at its last recorded step. Returns the axes.
 
     ``predicted`` overlays a theoretical profile as a dashed line: one array of per-layer norms (drawn
     in black), or one array per record (each in its record's colour; None to skip one), for layers
@@ -117,3 +125,78 @@ def loss_curves(*losses: np.ndarray, labels: Sequence[str] | None = None, ax=Non
     if labels is not None:
         ax.legend()
     return ax
+
+
+def finite_positive(a) -> np.ndarray:
+    """``a`` as floats, with entries that are zero, negative or not finite replaced by NaN (a log axis
+    leaves them out instead of failing)."""
+    a = np.asarray(a, dtype=float)
+    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def diagnosis(diag, axes=None):
+    """Draw the evidence of a :class:`gradbook.diagnosis.Diagnosis`: the relative gradient per layer,
+    the activations' std, their saturated and dead fractions, and (for sequence models) the gradient
+    through time. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    panels = 3 if diag.time_grad is None else 4
+    if axes is None:
+        _, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.2), constrained_layout=True)
+    ax = axes[0]
+    ax.semilogy(np.arange(1, len(diag.layers) + 1), finite_positive(diag.relative_grad), "o-", color=PALETTE[0], ms=3)
+    ax.set(xlabel="layer (input to output)", ylabel="|dL/dW| / |W|", title="backward")
+    ax = axes[1]
+    j = np.arange(1, len(diag.activations) + 1)
+    if diag.activations:
+        ax.semilogy(j, finite_positive(diag.act_std), "o-", color=PALETTE[1], ms=3)
+    ax.set(xlabel="activation layer", ylabel="output std", title="forward")
+    ax = axes[2]
+    if diag.activations:
+        ax.plot(j, diag.saturated, "o-", color=PALETTE[2], ms=3, label="saturated")
+        ax.plot(j, diag.dead, "s-", color=PALETTE[3], ms=3, label="dead")
+        ax.legend()
+    ax.set(xlabel="activation layer", ylabel="fraction", ylim=(-0.05, 1.05), title="units")
+    if diag.time_grad is not None:
+        ax = axes[3]
+        ax.semilogy(np.arange(1, len(diag.time_grad) + 1), finite_positive(diag.time_grad), "-", color=PALETTE[4])
+        ax.set(xlabel="input time step", ylabel="|dL/dx_t|", title="through time")
+    axes[0].figure.suptitle(f"verdict: {diag.verdict}")
+    return axes
+
+
+def log_limits(*arrays, floor=None, ceil=None) -> tuple[float, float]:
+    """(low, high) for a log axis around the finite positive values of ``arrays``, padded a little and at
+    least a decade wide; ``floor`` and ``ceil`` are values the range must include."""
+    vals = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    lo, hi = (vals.min(), vals.max()) if vals.size else (0.1, 10.0)
+    lo, hi = (lo if floor is None else min(lo, floor)), (hi if ceil is None else max(hi, ceil))
+    if hi / lo < 10:
+        mid = math.sqrt(lo * hi)
+        lo, hi = mid / math.sqrt(10), mid * math.sqrt(10)
+    return lo / 2, hi * 2
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def power_of_ten(value, _pos=None) -> str:
+    """A log-axis tick label such as 10\u207b\u2076 in plain Unicode (mathtext labels cost most of a redraw)."""
+    if not value > 0:
+        return ""
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) < 1e-9:
+        return "10" + str(int(round(exponent))).translate(_SUPERSCRIPT)
+    return f"{value:.3g}"
+
+
+def log_axis(ax, which: str = "y") -> None:
+    """Log scale with Unicode labels on the decades and none on the minor ticks."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    choice("which", which, ["x", "y"])
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis.set_major_formatter(FuncFormatter(power_of_ten))
+    axis.set_minor_formatter(NullFormatter())

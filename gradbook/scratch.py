@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from . import activations as _acts
+from . import init as _init
 from ._checks import positive_int
 
 __all__ = ["NumpyMLP", "Gradients"]
@@ -43,10 +45,6 @@ class NumpyMLP:
 
     def __init__(self, sizes: list[int], activation: str = "sigmoid", init: str = "standard",
                  rng: np.random.Generator | None = None):
-        import torch
-
-        from . import init as _init
-
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and an output size, got {sizes!r}")
         for s in sizes:

@@ -17,9 +17,12 @@ variance that grows like depth / width (Hanin 2018).
 
 Beyond the mean squared gradient, ``jacobian_spectrum`` predicts the spread of the squared singular
 values of the input-output Jacobian, which separates Gaussian from orthogonal weights (Pennington,
-Schoenholz & Ganguli 2017), and ``jacobian_singular_values`` measures them. ``mean_field_mlp`` builds a
-network with exactly the weight and bias variances the theory assumes, and ``measured_factors``
-measures its per-layer factors chi_l.
+Schoenholz & Ganguli 2017).
+
+This module predicts; it never measures or builds a network. The measured counterparts are in
+:mod:`gradbook.measure` (``measured_factors``, ``jacobian_singular_values``), and
+:func:`gradbook.nets.mean_field_mlp` builds a network with exactly the weight and bias variances the
+theory assumes.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from ._checks import choice, non_negative, positive_int
 
 __all__ = ["expect", "length_map", "chi", "q_path", "gradient_factors", "gradient_profile", "fixed_point",
            "critical_sigma_w", "critical_line", "depth_scale", "trainable_depth", "init_sigma_w", "rnn_bounds",
-           "jacobian_spectrum", "mean_field_mlp", "measured_factors", "jacobian_singular_values"]
+           "jacobian_spectrum", "TRAINABLE_DEPTH_SCALES"]
 
 # E[f(z)], z ~ N(0, 1), by Gauss-Legendre quadrature on [-12, 0] and [0, 12] separately: exact to ~1e-12
 # for functions that are smooth on each side of 0, such as ELU's derivative, which has a kink there and
@@ -282,9 +285,15 @@ def depth_scale(activation: str, sigma_w: float, sigma_b: float = 0.0) -> float:
     return math.inf if c == 1 or not math.isfinite(c) else 1.0 / abs(math.log(c))
 
 
+#: Depth scales a network can span and still train: Schoenholz et al. (2017) found networks deeper than
+#: about 6 xi untrainable. :mod:`gradbook.diagnosis` draws its line here.
+TRAINABLE_DEPTH_SCALES = 6.0
+
+
 def trainable_depth(activation: str, sigma_w: float, sigma_b: float = 0.0) -> float:
-    """About 6 xi: the depth beyond which Schoenholz et al. (2017) found networks untrainable."""
-    return 6.0 * depth_scale(activation, sigma_w, sigma_b)
+    """About 6 xi (:data:`TRAINABLE_DEPTH_SCALES` depth scales): the depth beyond which Schoenholz et al.
+    (2017) found networks untrainable."""
+    return TRAINABLE_DEPTH_SCALES * depth_scale(activation, sigma_w, sigma_b)
 
 
 def init_sigma_w(init: str, fan_in: int, fan_out: int, **kwargs) -> float:
@@ -309,9 +318,6 @@ def rnn_bounds(w_rec, activation: str) -> dict:
     return {"gamma": act.gamma, "sigma_max": s, "threshold": 1.0 / act.gamma,
             "vanishing_sufficient": rate < 1.0, "exploding_necessary": rate > 1.0,
             "bound": lambda k: rate ** np.asarray(k, dtype=float)}
-
-
-WEIGHT_ENSEMBLES = ["gaussian", "orthogonal"]
 
 
 def jacobian_spectrum(activation: str, depth: int, sigma_w: float, sigma_b: float = 0.0,
@@ -340,7 +346,7 @@ def jacobian_spectrum(activation: str, depth: int, sigma_w: float, sigma_b: floa
     (about e (L + 1)); with orthogonal weights every squared singular value equals the mean. Otherwise NaN.
     """
     positive_int("depth", depth)
-    choice("weights", weights, WEIGHT_ENSEMBLES)
+    choice("weights", weights, _init.ENSEMBLES)
     act = _acts.get(activation)
     q = q_path(activation, depth, sigma_w, sigma_b, q0)
     mu1, mu2 = _derivative_moment(act, q, 2), _derivative_moment(act, q, 4)
@@ -352,74 +358,3 @@ def jacobian_spectrum(activation: str, depth: int, sigma_w: float, sigma_b: floa
     else:
         largest = math.nan
     return {"mean": mean, "variance": variance, "largest": largest}
-
-
-def mean_field_mlp(depth: int, width: int, activation: str, sigma_w: float, sigma_b: float = 0.0, *,
-                   weights: str = "gaussian", in_dim: int | None = None, out_dim: int | None = None):
-    """A :func:`gradbook.nets.mlp` drawn exactly as the mean-field theory assumes: no readout,
-    W ~ N(0, sigma_w^2 / fan_in) (or ``weights="orthogonal"``: a scaled orthogonal matrix with every
-    singular value sigma_w) and b ~ N(0, sigma_b^2) (``sigma_b = 0``: no biases at all).
-
-    ``in_dim`` and ``out_dim`` are as for :func:`gradbook.nets.mlp` (the readout, if any, gets weights of
-    variance sigma_w^2 / width and a zero bias). It uses torch's global random generator, so
-    ``torch.manual_seed`` (or :func:`gradbook.setup`) fixes it.
-    """
-    import torch
-
-    from .nets import mlp
-
-    choice("weights", weights, WEIGHT_ENSEMBLES)
-    non_negative("sigma_w", sigma_w)
-    non_negative("sigma_b", sigma_b)
-    n_in = width if in_dim is None else positive_int("in_dim", in_dim)
-    init, kwargs = (("normal", {"std": sigma_w / math.sqrt(n_in)}) if weights == "gaussian"
-                    else ("orthogonal", {"gain": sigma_w}))
-    if weights == "gaussian" and n_in != width:   # "normal" has one std for all layers: fix the others
-        net = mlp(depth, width, activation, "normal", in_dim=n_in, out_dim=out_dim, bias=sigma_b > 0,
-                  init_kwargs=kwargs)
-        with torch.no_grad():
-            for layer in [b.linear for b in list(net.layers)[1:]] + ([net.readout] if out_dim else []):
-                layer.weight.normal_(0.0, sigma_w / math.sqrt(width))
-    else:
-        net = mlp(depth, width, activation, init, in_dim=n_in, out_dim=out_dim, bias=sigma_b > 0,
-                  init_kwargs=kwargs)
-    if sigma_b > 0:
-        with torch.no_grad():
-            for block in net.layers:
-                block.linear.bias.normal_(0.0, sigma_b)
-    return net
-
-
-def measured_factors(net, x) -> np.ndarray:
-    """The measured per-layer factors ||delta_l||^2 / ||delta_{l+1}||^2 of ``net`` on the batch ``x``.
-
-    delta_l is the gradient at layer l's pre-activation (``grad_norm`` of :func:`gradbook.measure.gradients`),
-    back-propagated from a loss whose gradient at the network's output is a random Gaussian direction,
-    as the mean-field theory assumes; entry l - 1 is the measured counterpart of ``gradient_factors(...)[l - 1]``
-    (one entry fewer than the network has layers). Take the geometric mean over layers (and seeds) to
-    compare with theory: single factors fluctuate, more so in narrow networks (Hanin 2018).
-    """
-    import torch
-
-    from .measure import gradients
-
-    with torch.no_grad():
-        r = torch.randn_like(net(x))
-    rec = gradients(net, x, None, loss_fn=lambda out, _t: (out * r).sum())
-    g = rec.grad_norm.astype(float) ** 2
-    return g[:-1] / g[1:]
-
-
-def jacobian_singular_values(net, x) -> np.ndarray:
-    """The singular values, largest first, of the Jacobian d net(x) / d x at one input ``x`` (a 1-D tensor).
-
-    Computed with ``torch.func.jacrev`` (one backward pass per output, vectorized) and an SVD in float64.
-    Compare their squares with :func:`jacobian_spectrum`.
-    """
-    import torch
-    from torch.func import jacrev
-
-    if x.dim() != 1:
-        raise ValueError(f"x must be one input, a 1-D tensor; got shape {tuple(x.shape)}")
-    jac = jacrev(net)(x)
-    return torch.linalg.svdvals(jac.detach().double()).cpu().numpy()

@@ -1,35 +1,121 @@
 """Small models with a known answer, for seeing a phenomenon in two dimensions.
 
 :func:`cliff` is the one-unit recurrent network of Pascanu, Mikolov & Bengio (2013, fig. 6) whose loss
-surface has a "cliff": a wall where the loss changes abruptly and the gradient is enormous.
+surface has a "cliff": a wall where the loss changes abruptly and the gradient is enormous;
+:func:`descend` runs gradient descent on it, with or without clipping.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-import torch
 
-from ._checks import positive_int
+from ._checks import choice, positive_int
 
-__all__ = ["cliff", "cliff_wall"]
+__all__ = ["cliff", "cliff_wall", "descend", "Descent", "CLIP_MODES"]
+
+
+def _sigmoid(x):
+    with np.errstate(over="ignore"):
+        return 0.5 * (1.0 + np.tanh(0.5 * x))      # exact, and never overflows
 
 
 def cliff(w, b, steps: int = 50, x0: float = 0.5, target: float = 0.7):
     """Loss and gradient of the one-unit RNN x_t = w sigmoid(x_{t-1}) + b, L = (sigmoid(x_steps) - target)^2.
 
-    ``w`` and ``b`` may be numbers or arrays of the same shape (a grid); computed in float64 with
-    autograd. Returns ``(loss, dL/dw, dL/db)`` as NumPy arrays of that shape.
+    ``w`` and ``b`` may be numbers or arrays of the same shape (a grid, or many starting points); computed
+    in float64 by back-propagation through time written out (dL/dx_t = dL/dx_{t+1} w s_t (1 - s_t), with
+    s_t = sigmoid(x_{t-1})), which the tests check against autograd. Returns ``(loss, dL/dw, dL/db)`` as
+    NumPy arrays of that shape.
     """
     positive_int("steps", steps)
-    w = torch.as_tensor(np.asarray(w, dtype=float)).clone().requires_grad_(True)
-    b = torch.as_tensor(np.asarray(b, dtype=float)).clone().requires_grad_(True)
+    w, b = np.asarray(w, dtype=float), np.asarray(b, dtype=float)
     if w.shape != b.shape:
-        raise ValueError(f"w and b must have the same shape, got {tuple(w.shape)} and {tuple(b.shape)}")
-    x = torch.full_like(w, x0)
+        raise ValueError(f"w and b must have the same shape, got {w.shape} and {b.shape}")
+    s = []
+    x = np.full(w.shape, float(x0))
     for _ in range(steps):
-        x = w * torch.sigmoid(x) + b
-    loss = (torch.sigmoid(x) - target) ** 2
-    gw, gb = torch.autograd.grad(loss.sum(), [w, b])
-    return loss.detach().numpy(), gw.numpy(), gb.numpy()
+        s.append(_sigmoid(x))
+        x = w * s[-1] + b
+    out = _sigmoid(x)
+    g = 2.0 * (out - target) * out * (1.0 - out)       # dL/dx_steps
+    gw, gb = np.zeros(w.shape), np.zeros(w.shape)
+    for st in reversed(s):
+        gw += g * st
+        gb += g
+        g = g * w * st * (1.0 - st)
+    return (out - target) ** 2, gw, gb
+
+
+#: How :func:`descend` may clip: not at all, each entry of the gradient by value, or the whole gradient by norm.
+CLIP_MODES = ["none", "value", "norm"]
+
+
+@dataclass
+class Descent:
+    """A run of :func:`descend`. Arrays have the shape of the starting points after the leading axis.
+
+    ``loss``, ``norm_before``, ``norm_after`` (steps, ...): the loss and the gradient norm before and after
+    clipping at each step (NaN once a run has diverged); ``path`` (steps + 1, 2, ...): every (w, b);
+    ``clipped`` (...): whether clipping changed any step; ``diverged`` (...): the step at which a run's loss
+    or gradient stopped being finite (the run stops there, and the arrays end early when every run has),
+    or -1.
+    """
+
+    loss: np.ndarray
+    norm_before: np.ndarray
+    norm_after: np.ndarray
+    path: np.ndarray
+    clipped: np.ndarray
+    diverged: np.ndarray
+
+    @property
+    def final_loss(self) -> np.ndarray:
+        """The loss where each run ended."""
+        return cliff(self.path[-1, 0], self.path[-1, 1])[0]
+
+
+def descend(w, b, lr: float, mode: str = "none", threshold=np.inf, steps: int = 300) -> Descent:
+    """Gradient descent on :func:`cliff` from the starting point(s) (w, b), optionally clipped.
+
+    ``mode`` is "none", "value" (each of dL/dw, dL/db clipped to [-threshold, threshold]) or "norm" (the
+    gradient rescaled to norm ``threshold`` when longer: Pascanu, Mikolov & Bengio 2013, algorithm 1, which
+    ``torch.nn.utils.clip_grad_norm_`` implements). ``w``, ``b`` and ``threshold`` may be arrays of one
+    shape (many runs at once; ``threshold=np.inf`` is plain descent). The one loop behind the clipping
+    chapter and its explorer.
+    """
+    choice("mode", mode, CLIP_MODES)
+    positive_int("steps", steps)
+    if not (np.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    c = np.asarray(threshold, dtype=float)
+    if mode != "none" and not np.all(c > 0):
+        raise ValueError(f"threshold must be > 0, got {threshold!r}")
+    w, b = np.array(w, dtype=float), np.array(b, dtype=float)
+    c = np.broadcast_to(c, w.shape)
+    diverged, clipped = np.full(w.shape, -1), np.zeros(w.shape, dtype=bool)
+    loss, before, after, path = [], [], [], [np.stack([w, b])]
+    for step in range(steps):
+        with np.errstate(all="ignore"):
+            L, gw, gb = cliff(w, b)
+            n = np.hypot(gw, gb)
+        diverged[(diverged < 0) & ~(np.isfinite(L) & np.isfinite(n))] = step
+        live = diverged < 0
+        if not live.any():
+            break
+        if mode == "norm":
+            scale = np.where(n > c, c / np.maximum(n, 1e-300), 1.0)
+            gw, gb = gw * scale, gb * scale
+        elif mode == "value":
+            gw, gb = np.clip(gw, -c, c), np.clip(gb, -c, c)
+        n_after = np.hypot(gw, gb)
+        clipped |= live & (n_after < n)
+        loss.append(np.where(live, L, np.nan))
+        before.append(np.where(live, n, np.nan))
+        after.append(np.where(live, n_after, np.nan))
+        w, b = np.where(live, w - lr * gw, w), np.where(live, b - lr * gb, b)
+        path.append(np.stack([w, b]))
+    return Descent(np.array(loss), np.array(before), np.array(after), np.array(path), clipped, diverged)
 
 
 def cliff_wall(w: float, b_low: float, b_high: float, steps: int = 50, x0: float = 0.5,

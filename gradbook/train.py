@@ -14,12 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import measure as _measure
 from ._checks import choice, non_negative, positive_int
 from .data import Task
+from .measure import snapshot_weights, update_ratios
+from .records import Trace, layers, output_tensor
+from .watch import watch
 from .progress import Progress
 
-__all__ = ["fit", "evaluate", "History", "Divergence", "OPTIMIZERS"]
+__all__ = ["fit", "evaluate", "make_optimizer", "History", "Divergence", "OPTIMIZERS"]
 
 #: The optimizers :func:`fit` accepts by name.
 OPTIMIZERS = ["sgd", "adam", "adamw"]
@@ -57,7 +59,7 @@ class History:
         Training loss of each step's batch (the last one is non-finite if the run diverged there).
     grad_norm : array (steps run,)
         Total gradient norm of each step, before any clipping.
-    trace : gradbook.measure.Trace or None
+    trace : gradbook.records.Trace or None
         Per-layer records every ``every`` steps (None when ``every=0``).
     update_ratio : array (recorded steps, layers) or None
         ||Delta W|| / ||W|| of each layer's weights on the recorded steps.
@@ -71,7 +73,7 @@ class History:
 
     loss: np.ndarray
     grad_norm: np.ndarray
-    trace: _measure.Trace | None = None
+    trace: Trace | None = None
     update_ratio: np.ndarray | None = None
     diverged: Divergence | None = None
     clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
@@ -100,7 +102,7 @@ def _forward_culprit(model: nn.Module, x: torch.Tensor, loss: float) -> tuple[st
         if name and not list(m.children()):
             def hook(mod, args, out, name=name):
                 ran.append(name)
-                y = _measure._first_tensor(out)
+                y = output_tensor(out)
                 if not found and y is not None and not torch.isfinite(y).all():
                     found.append((name, _kind(y)))
             handles.append(m.register_forward_hook(hook))
@@ -130,6 +132,106 @@ def _largest_grad(model: nn.Module) -> str:
     return max(named, key=lambda t: t[1])[0] if named else "?"
 
 
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The torch optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params``."""
+    choice("optimizer", name, OPTIMIZERS)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](params, lr=lr, weight_decay=weight_decay)
+
+
+def _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every) -> None:
+    positive_int("steps", steps)
+    positive_int("callback_every", callback_every)
+    non_negative("lr", lr)
+    non_negative("weight_decay", weight_decay)
+    non_negative("every", every)
+    choice("optimizer", optimizer, OPTIMIZERS)
+    if clip_norm is not None and clip_value is not None:
+        raise ValueError("give clip_norm or clip_value, not both")
+    for name, v in [("clip_norm", clip_norm), ("clip_value", clip_value)]:
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be a number > 0, got {v!r}")
+
+
+class _Run:
+    """One training run of :func:`fit`: its state, one step at a time, and the :class:`History` it leaves."""
+
+    def __init__(self, model, task, opt, loss_fn, batch_size, generator, clip_norm, clip_value, every, level,
+                 callback, callback_every):
+        self.model, self.task, self.opt, self.loss_fn = model, task, opt, loss_fn
+        self.batch_size, self.generator = batch_size, generator
+        self.clip_norm, self.clip_value, self.every = clip_norm, clip_value, every
+        self.callback, self.callback_every = callback, callback_every
+        self.params = [p for g in opt.param_groups for p in g["params"]]
+        self.layer_modules = [m for _, m in layers(model)]
+        self.probe = watch(model, every=every, level=level) if every else None
+        self.losses, self.norms, self.clipped, self.ratios = [], [], [], []
+        self.cb_steps, self.cb_values = [], []
+        self.diverged: Divergence | None = None
+
+    def call_back(self, n_updates: int) -> None:
+        if self.callback is not None and n_updates % self.callback_every == 0:
+            with torch.no_grad():
+                self.cb_values.append(self.callback(n_updates, self.model))
+            self.cb_steps.append(n_updates)
+
+    def step(self, step: int) -> bool:
+        """One update; False (with :attr:`diverged` set) if something went non-finite."""
+        x, y = self.task.batch(self.batch_size, self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        self.losses.append(loss.item())
+        if not math.isfinite(self.losses[-1]):
+            bad = _nonfinite_param(self.model, grads=False)   # did the previous update break a weight?
+            self.diverged = Divergence(step, "weights", *bad) if bad else \
+                Divergence(step, "loss", *_forward_culprit(self.model, x, self.losses[-1]))
+            self.norms.append(float("nan"))
+            self.clipped.append(False)
+            return False
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]).item()
+        self.norms.append(norm)
+        if not math.isfinite(norm):  # a non-finite gradient, or finite ones whose norm overflows
+            self.diverged = Divergence(step, "gradient", *(_nonfinite_param(self.model, grads=True)
+                                                           or (_largest_grad(self.model), "too large to represent")))
+            self.clipped.append(False)
+            return False
+        self.clipped.append(self.clip(norm))
+        record = bool(self.every) and step % self.every == 0
+        before = snapshot_weights(self.layer_modules) if record else None
+        self.opt.step()
+        if record:
+            self.ratios.append(update_ratios(before, self.layer_modules))
+        return True
+
+    def clip(self, norm: float) -> bool:
+        """Clip the gradient as asked; whether clipping changed it."""
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+            return norm > self.clip_norm
+        if self.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.params, self.clip_value)
+            return any(p.grad.abs().max() >= self.clip_value for p in self.params if p.grad is not None)
+        return False
+
+    def finish(self, steps: int) -> None:
+        """After the last step: the last update has no forward pass after it, so check the weights here."""
+        bad = _nonfinite_param(self.model, grads=False)
+        if bad:
+            self.diverged = Divergence(steps - 1, "weights", *bad)
+        self.call_back(steps)
+
+    def history(self) -> History:
+        trace, d = (self.probe.trace if self.probe else None), self.diverged
+        if trace is not None and d is not None and len(self.losses) == d.step + 1 \
+                and not math.isfinite(self.losses[-1] if d.phase != "gradient" else self.norms[-1]):
+            trace = trace.select(trace.steps < d.step)   # the failed step's records are partial
+        return History(np.array(self.losses), np.array(self.norms), trace,
+                       np.array(self.ratios) if self.every else None, d, np.array(self.clipped, dtype=bool),
+                       np.array(self.cb_steps, dtype=int), self.cb_values)
+
+
 def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer: str = "sgd",
         momentum: float = 0.0, batch_size: int = 64, weight_decay: float = 0.0,
         clip_norm: float | None = None, clip_value: float | None = None, every: int = 0,
@@ -148,7 +250,7 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         or each entry by value (``clip_grad_value_``). The norm before clipping is in
         ``History.grad_norm`` either way.
     every : int
-        Record per-layer measurements (:class:`gradbook.measure.watch`, at ``level``) and update ratios every
+        Record per-layer measurements (:class:`gradbook.watch.watch`, at ``level``) and update ratios every
         ``every`` steps; 0 records none.
     loss_fn : callable, optional
         ``loss_fn(output, target)``; default cross-entropy for classification, MSE for regression.
@@ -163,97 +265,32 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         in a Jupyter front end or a terminal, never under nbconvert, nbgrader, nbval or pytest
         (:mod:`gradbook.progress`).
     """
-    positive_int("steps", steps)
-    positive_int("callback_every", callback_every)
-    non_negative("lr", lr)
-    non_negative("weight_decay", weight_decay)
-    non_negative("every", every)
-    choice("optimizer", optimizer, OPTIMIZERS)
-    if clip_norm is not None and clip_value is not None:
-        raise ValueError("give clip_norm or clip_value, not both")
-    for name, v in [("clip_norm", clip_norm), ("clip_value", clip_value)]:
-        if v is not None and not v > 0:
-            raise ValueError(f"{name} must be a number > 0, got {v!r}")
+    _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every)
     param = next(model.parameters())
     task = task.to(param.device, param.dtype)
     if loss_fn is None:
         loss_fn = nn.functional.cross_entropy if task.kind == "classification" else nn.functional.mse_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = {"sgd": lambda: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
-           "adam": lambda: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
-           "adamw": lambda: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)}[optimizer]()
-
-    losses, norms, clipped, ratios = [], [], [], []
-    cb_steps, cb_values = [], []
-
-    def call_back(n_updates):
-        if callback is not None and n_updates % callback_every == 0:
-            with torch.no_grad():
-                cb_values.append(callback(n_updates, model))
-            cb_steps.append(n_updates)
-
-    diverged = None
-    layer_modules = [m for _, m in _measure.layers(model)]
-    probe = _measure.watch(model, every=every, level=level) if every else None
-    bar = Progress(steps, "gradbook.fit", show=progress).__enter__()
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
+    run = _Run(model, task, opt, loss_fn, batch_size, generator, clip_norm, clip_value, every, level,
+               callback, callback_every)
     model.train()
-    try:
-        if probe:
-            probe.attach()
-        for step in range(steps):
-            call_back(step)
-            x, y = task.batch(batch_size, generator)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                bad = _nonfinite_param(model, grads=False)   # did the previous update break a weight?
-                diverged = Divergence(step, "weights", *bad) if bad else \
-                    Divergence(step, "loss", *_forward_culprit(model, x, losses[-1]))
-                norms.append(float("nan"))
-                clipped.append(False)
-                break
-            loss.backward()
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-            norms.append(norm)
-            if not math.isfinite(norm):  # a non-finite gradient, or finite ones whose norm overflows
-                diverged = Divergence(step, "gradient", *(_nonfinite_param(model, grads=True)
-                                                          or (_largest_grad(model), "too large to represent")))
-                clipped.append(False)
-                break
-            if clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_norm)
-            elif clip_value is not None:
-                torch.nn.utils.clip_grad_value_(params, clip_value)
-            clipped.append((clip_norm is not None and norm > clip_norm) or
-                           (clip_value is not None and any(p.grad.abs().max() >= clip_value for p in params
-                                                           if p.grad is not None)))
-            record = bool(every) and step % every == 0
-            before = _measure.snapshot_weights(layer_modules) if record else None
-            opt.step()
-            if record:
-                ratios.append(_measure.update_ratios(before, layer_modules))
-            bar.update(1, loss=losses[-1])
-        else:
-            bad = _nonfinite_param(model, grads=False)       # the last update has no forward pass after it
-            if bad:
-                diverged = Divergence(steps - 1, "weights", *bad)
-            call_back(steps)
-    finally:
-        bar.__exit__()
-        if probe:
-            probe.detach()
-    if diverged is not None and bar.shown:
-        print(f"gradbook.fit: {diverged}")
-    trace = probe.trace if probe else None
-    if trace is not None and diverged is not None and len(losses) == diverged.step + 1 \
-            and not math.isfinite(losses[-1] if diverged.phase != "gradient" else norms[-1]):
-        keep = trace.steps < diverged.step  # the failed step's records are partial
-        trace = _measure.Trace(trace.layers, trace.activations, trace.steps[keep],
-                               **{k: (None if getattr(trace, k) is None else getattr(trace, k)[keep])
-                                  for k in _measure._ARRAYS})
-    return History(np.array(losses), np.array(norms), trace, np.array(ratios) if every else None,
-                   diverged, np.array(clipped, dtype=bool), np.array(cb_steps, dtype=int), cb_values)
+    with Progress(steps, "gradbook.fit", show=progress) as bar:
+        try:
+            if run.probe:
+                run.probe.attach()
+            for step in range(steps):
+                run.call_back(step)
+                if not run.step(step):
+                    break
+                bar.update(1, loss=run.losses[-1])
+            else:
+                run.finish(steps)
+        finally:
+            if run.probe:
+                run.probe.detach()
+    if run.diverged is not None and bar.shown:
+        print(f"gradbook.fit: {run.diverged}")
+    return run.history()
 
 
 @torch.no_grad()

@@ -17,8 +17,9 @@ RTOL = 2e-5   # the package reduces in float32
 ATOL = 1e-9
 
 def _assert_same_numbers(a, b):
-    for k in gb.measure._ARRAYS:
-        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    # equal up to rounding: torch's in-place ELU computes its derivative from the output, not the input
+    for k in gb.records.FIELDS:
+        np.testing.assert_allclose(getattr(a, k), getattr(b, k), rtol=1e-12, atol=0, err_msg=k)
 
 
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "linear"]

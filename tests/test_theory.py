@@ -70,7 +70,7 @@ def _measured_factors(activation, init, depth, width, seeds, **init_kwargs):
     for seed in seeds:
         torch.manual_seed(seed)
         net = gb.mlp(depth, width, activation, init, init_kwargs=init_kwargs).double()
-        logs.append(np.log(th.measured_factors(net, torch.randn(32, width, dtype=torch.float64))))
+        logs.append(np.log(gb.measure.measured_factors(net, torch.randn(32, width, dtype=torch.float64))))
     return np.exp(np.mean(logs, axis=0))
 
 
@@ -189,8 +189,8 @@ def test_measured_jacobian_spectra_agree_with_theory(activation, sigma_w, weight
     variances, means = [], []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = th.mean_field_mlp(depth, width, activation, sigma_w, weights=weights).double()
-        sv = th.jacobian_singular_values(net, torch.randn(width, dtype=torch.float64))
+        net = gb.nets.mean_field_mlp(depth, width, activation, sigma_w, weights=weights).double()
+        sv = gb.measure.jacobian_singular_values(net, torch.randn(width, dtype=torch.float64))
         assert sv.shape == (width,) and np.all(np.diff(sv) <= 1e-12)
         variances.append(_normalized_variance(sv))
         means.append(np.mean(sv**2))
@@ -205,23 +205,23 @@ def test_measured_jacobian_spectra_agree_with_theory(activation, sigma_w, weight
 
 def test_jacobian_singular_values_match_a_dense_jacobian_and_respect_depth():
     torch.manual_seed(0)
-    net = th.mean_field_mlp(3, 8, "tanh", 1.2, 0.1).double()
+    net = gb.nets.mean_field_mlp(3, 8, "tanh", 1.2, 0.1).double()
     x = torch.randn(8, dtype=torch.float64)
     dense = torch.autograd.functional.jacobian(net, x)
-    np.testing.assert_allclose(th.jacobian_singular_values(net, x), torch.linalg.svdvals(dense).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(gb.measure.jacobian_singular_values(net, x), torch.linalg.svdvals(dense).numpy(), rtol=1e-10)
     with pytest.raises(ValueError, match="1-D"):
-        th.jacobian_singular_values(net, torch.randn(2, 8, dtype=torch.float64))
+        gb.measure.jacobian_singular_values(net, torch.randn(2, 8, dtype=torch.float64))
 
 
 def test_mean_field_mlp_draws_the_assumed_variances():
     torch.manual_seed(0)
-    net = th.mean_field_mlp(3, 400, "tanh", 1.5, 0.5, in_dim=100, out_dim=10)
+    net = gb.nets.mean_field_mlp(3, 400, "tanh", 1.5, 0.5, in_dim=100, out_dim=10)
     w0, w1 = net.layers[0].linear.weight, net.layers[1].linear.weight
     assert w0.shape == (400, 100) and w0.var().item() * 100 == pytest.approx(2.25, rel=0.03)
     assert w1.var().item() * 400 == pytest.approx(2.25, rel=0.03)
     assert net.layers[1].linear.bias.std().item() == pytest.approx(0.5, rel=0.15)
     assert net.readout.weight.shape == (10, 400) and torch.all(net.readout.bias == 0)
-    orth = th.mean_field_mlp(2, 64, "linear", 0.7, weights="orthogonal")
+    orth = gb.nets.mean_field_mlp(2, 64, "linear", 0.7, weights="orthogonal")
     np.testing.assert_allclose(torch.linalg.svdvals(orth.layers[1].linear.weight.detach()).numpy(), 0.7, rtol=1e-5)
     assert orth.layers[0].linear.bias is None
 
@@ -230,8 +230,8 @@ def test_measured_factors_of_a_mean_field_net_match_the_prediction():
     logs = []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = th.mean_field_mlp(20, 256, "tanh", math.sqrt(1.761), math.sqrt(0.05)).double()
-        f = th.measured_factors(net, torch.randn(32, 256, dtype=torch.float64))
+        net = gb.nets.mean_field_mlp(20, 256, "tanh", math.sqrt(1.761), math.sqrt(0.05)).double()
+        f = gb.measure.measured_factors(net, torch.randn(32, 256, dtype=torch.float64))
         assert f.shape == (19,)
         logs.append(np.log(f))
     pred = th.gradient_factors("tanh", 20, math.sqrt(1.761), math.sqrt(0.05))[:-1]

@@ -32,3 +32,64 @@ def test_the_wall_is_a_jump_in_the_loss_with_a_huge_gradient():
     assert abs(gb.toys.cliff(6.0, wall + 1e-9)[2]) > 1e4 * abs(gb.toys.cliff(6.0, -3.0)[2])
     with pytest.raises(ValueError, match="no wall"):
         gb.toys.cliff_wall(6.0, -3.0, -2.9)
+
+
+def test_cliff_gradient_equals_autograd_on_a_grid():
+    """The hand-written backward pass through time against torch's autograd, both in float64."""
+    import torch
+
+    w, b = np.meshgrid(np.linspace(-1, 9, 7), np.linspace(-4, 2, 6))
+    tw = torch.tensor(w, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True)
+    x = torch.full_like(tw, 0.5)
+    for _ in range(50):
+        x = tw * torch.sigmoid(x) + tb
+    loss = (torch.sigmoid(x) - 0.7) ** 2
+    gw_ref, gb_ref = torch.autograd.grad(loss.sum(), [tw, tb])
+    ours = gb.toys.cliff(w, b)
+    for a, ref in zip(ours, (loss.detach(), gw_ref, gb_ref)):
+        np.testing.assert_allclose(a, ref.numpy(), rtol=1e-9, atol=1e-300)
+
+
+def _clip_norm_reference(g, c):
+    """torch.nn.utils.clip_grad_norm_ on a two-entry gradient."""
+    import torch
+
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.tensor([float(v) for v in g], dtype=torch.float64)
+    torch.nn.utils.clip_grad_norm_([p], c)
+    return p.grad.numpy()
+
+
+def test_descend_takes_the_steps_torch_clipping_takes():
+    run = gb.toys.descend(6.0, -3.0, lr=0.5, mode="norm", threshold=1.0, steps=40)
+    w, b = 6.0, -3.0
+    for k in range(40):
+        _, gw, gb_ = gb.toys.cliff(w, b)
+        step = _clip_norm_reference([gw, gb_], 1.0)
+        np.testing.assert_allclose(run.norm_after[k], np.hypot(*step), rtol=1e-6)
+        w, b = w - 0.5 * step[0], b - 0.5 * step[1]
+    np.testing.assert_allclose(run.path[-1], [w, b], rtol=1e-6)
+    assert run.loss.shape == (40,) and run.path.shape == (41, 2) and run.diverged == -1
+
+
+def test_descend_runs_many_starts_with_their_own_thresholds():
+    w0, b0 = np.array([6.0, 6.0, 6.0]), np.array([-3.0, -3.0, -3.0])
+    many = gb.toys.descend(w0, b0, lr=1.0, mode="norm", threshold=np.array([np.inf, 1.0, 0.1]), steps=100)
+    for i, c in enumerate([np.inf, 1.0, 0.1]):
+        one = gb.toys.descend(6.0, -3.0, lr=1.0, mode="norm", threshold=c, steps=100)
+        np.testing.assert_allclose(many.loss[:, i], one.loss)
+        np.testing.assert_allclose(many.path[:, :, i], one.path)
+    assert not many.clipped[0] and many.clipped[2]
+    value = gb.toys.descend(6.0, -3.0, lr=1.0, mode="value", threshold=0.01, steps=5)
+    assert np.all(np.abs(np.diff(value.path, axis=0)) <= 0.01 + 1e-15)
+    np.testing.assert_allclose(value.final_loss, gb.toys.cliff(*value.path[-1])[0])
+
+
+def test_descend_rejects_bad_arguments_by_name():
+    with pytest.raises(ValueError, match="mode"):
+        gb.toys.descend(6.0, -3.0, lr=1.0, mode="clip")
+    with pytest.raises(ValueError, match="lr"):
+        gb.toys.descend(6.0, -3.0, lr=-1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        gb.toys.descend(6.0, -3.0, lr=1.0, mode="norm", threshold=0.0)

@@ -24,7 +24,7 @@ def _set(explorer, **values):
 
 
 def test_gradient_flow_deeper_sigmoid_nets_pass_smaller_gradients_to_the_first_layer():
-    ex = gb.widgets.gradient_flow(activation="sigmoid", init="standard", width=32)
+    ex = gb.explorers.gradient_flow(activation="sigmoid", init="standard", width=32)
     ex.widget
     firsts = []
     for depth in (5, 15, 30):
@@ -37,7 +37,7 @@ def test_gradient_flow_deeper_sigmoid_nets_pass_smaller_gradients_to_the_first_l
 
 
 def test_gradient_flow_follows_the_mean_field_prediction():
-    ex = gb.widgets.gradient_flow(activation="tanh", depth=20, width=128)
+    ex = gb.explorers.gradient_flow(activation="tanh", depth=20, width=128)
     ex.widget
     for sigma_w, grows in [(0.7, False), (2.0, True)]:
         _set(ex, sigma_w=sigma_w)
@@ -49,7 +49,7 @@ def test_gradient_flow_follows_the_mean_field_prediction():
 
 
 def test_gradient_flow_drops_the_prediction_where_it_does_not_apply_and_draws_histograms():
-    ex = gb.widgets.gradient_flow(depth=12)
+    ex = gb.explorers.gradient_flow(depth=12)
     ex.widget
     _set(ex, norm="batch")
     assert np.all(np.isnan(_line(ex, 0, "_hidden")))
@@ -61,7 +61,7 @@ def test_gradient_flow_drops_the_prediction_where_it_does_not_apply_and_draws_hi
 
 
 def test_gradient_flow_refuses_bad_settings_with_a_message():
-    ex = gb.widgets.gradient_flow()
+    ex = gb.explorers.gradient_flow()
     ex.widget
     before = ex.image.value
     _set(ex, init="sigma_w", sigma_w=0.0)
@@ -72,11 +72,11 @@ def test_gradient_flow_refuses_bad_settings_with_a_message():
     with pytest.raises(widgets.Refused, match="depth"):
         ex.render(depth=0)
     with pytest.raises(TypeError, match="unknown dial"):
-        gb.widgets.gradient_flow(deep=3)
+        gb.explorers.gradient_flow(deep=3)
 
 
 def test_sigma_w_dial_is_disabled_unless_the_init_uses_it():
-    ex = gb.widgets.gradient_flow(init="he")
+    ex = gb.explorers.gradient_flow(init="he")
     ex.widget
     assert ex.dials["sigma_w"].disabled
     _set(ex, init="sigma_w")
@@ -84,7 +84,7 @@ def test_sigma_w_dial_is_disabled_unless_the_init_uses_it():
 
 
 def test_recurrent_larger_singular_value_means_slower_decay():
-    ex = gb.widgets.recurrent(length=60)
+    ex = gb.explorers.recurrent(length=60)
     ex.widget
     far = {}
     for s in (0.7, 0.9, 1.0, 1.1):
@@ -98,21 +98,14 @@ def test_recurrent_larger_singular_value_means_slower_decay():
 
 
 def test_recurrent_refuses_bad_settings():
-    ex = gb.widgets.recurrent()
+    ex = gb.explorers.recurrent()
     ex.widget
     _set(ex, sigma_max=0.0)
     assert "Cannot show this setting" in ex.message.value and "sigma_max" in ex.message.value
 
 
-def test_cliff_gradient_matches_the_toy():
-    for w, b in [(6.0, -3.0), (6.0, -3.2347), (2.0, 0.5), (-1.0, 1.0)]:
-        loss, gw, gb_ = gb.toys.cliff(w, b)
-        ours = widgets._cliff_grad(w, b)
-        np.testing.assert_allclose(ours, [float(loss), float(gw), float(gb_)], rtol=1e-9, atol=1e-15)
-
-
 def test_clipping_bounds_the_step_and_helps_on_the_cliff():
-    ex = gb.widgets.clipping(lr=1.0, steps=300)
+    ex = gb.explorers.clipping(lr=1.0, steps=300)
     ex.widget
     _set(ex, mode="none")
     plain = ex.result
@@ -128,7 +121,7 @@ def test_clipping_bounds_the_step_and_helps_on_the_cliff():
 
 
 def test_clipping_refuses_bad_settings_and_reports_divergence():
-    ex = gb.widgets.clipping()
+    ex = gb.explorers.clipping()
     ex.widget
     with pytest.raises(widgets.Refused, match="threshold"):
         ex.render(threshold=-1.0)
@@ -141,7 +134,7 @@ def test_clipping_refuses_bad_settings_and_reports_divergence():
 def test_static_links_controls_to_precomputed_figures():
     import ipywidgets as w
 
-    ex = gb.widgets.recurrent(length=30)
+    ex = gb.explorers.recurrent(length=30)
     box = gb.widgets.static(ex, slider=("sigma_max", [0.8, 1.0, 1.2]), buttons=("activation", ["tanh", "relu"]))
     (_, buttons), (_, slider), outer = box.children[1].children, box.children[2].children, box.children[3]
     assert isinstance(buttons, w.ToggleButtons) and isinstance(slider, w.SelectionSlider)
@@ -159,20 +152,19 @@ def test_static_links_controls_to_precomputed_figures():
 
 def test_one_figure_updated_in_place_and_results_cached():
     """Fast dial changes never stack up figures: the same Figure, axes and lines are updated in place."""
-    ex = gb.widgets.gradient_flow(depth=8, width=16)
+    ex = gb.explorers.gradient_flow(depth=8, width=16)
     ex.widget
     figure, axes, line = ex.figure, list(ex.figure.axes), ex.artists["measured"]
     for depth in (9, 10, 11, 9, 10):
         ex.dials["depth"].value = depth
     assert ex.figure is figure and ex.figure.axes == axes and ex.artists["measured"] is line
     assert len(line.get_ydata()) == 10
-    hits = widgets._flow.cache_info().hits
-    ex.dials["depth"].value = 9           # seen before: taken from the cache
-    assert widgets._flow.cache_info().hits == hits + 1
+    seen = ex.data(depth=9)
+    assert ex.data(depth=9) is seen       # seen before: taken from the cache, not computed again
 
 
 def test_an_unexpected_error_becomes_a_message_not_a_traceback(monkeypatch):
-    ex = gb.widgets.recurrent(length=20)
+    ex = gb.explorers.recurrent(length=20)
     ex.widget
 
     def broken(*args):

@@ -1,0 +1,156 @@
+"""What gradbook measures on any ``torch.nn.Module``, and the records it keeps.
+
+*Which modules.* A model's **layers** are its Linear, Conv, RNN, Bilinear and Embedding modules that hold a
+trainable parameter, in registration order; a layer's **weights** are its parameters named ``weight*``
+(biases left out); its **activations** are the modules whose nonlinearity :mod:`gradbook.activations`
+knows; its **recurrent** modules are torch's RNN/LSTM/GRU and anything with a ``states`` method
+(:class:`gradbook.nets.ElmanRNN`, :class:`gradbook.nets.LSTM`).
+
+*The records.* A :class:`Snapshot` holds one step's per-layer numbers, a :class:`Trace` the same numbers
+stacked over recorded steps. Their fields, :data:`FIELDS`, are listed once, here.
+
+*Reading values.* :func:`output_tensor` is the tensor a module's output stands for; :func:`norms` takes
+2-norms that stay accurate for the tiny and huge gradients this book is about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import activations as _acts
+
+__all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "activation_modules",
+           "recurrent_modules", "output_tensor", "norms"]
+
+#: The module types measured as layers (those with a trainable parameter).
+LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.RNNBase,
+               nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+@dataclass(kw_only=True)
+class Fields:
+    """The per-layer quantities of a record, listed once (:data:`FIELDS`): two per layer, then four per
+    activation module. Each is an array, or None when it was not measured (``level="norms"``).
+
+    * ``weight_grad_norm``: ||dL/dW|| over the layer's weight tensors, read from ``.grad`` when the
+      backward pass ends;
+    * ``grad_norm``: ||dL/dy||, the back-propagated gradient at the layer's output y (the whole batch;
+      for a module called several times in one pass, such as an RNN cell, all its calls together);
+    * ``act_mean``, ``act_std``: mean and standard deviation of the activation's output, all entries;
+    * ``saturated``: the fraction of entries whose input x has phi'(x) < 0.1 gamma
+      (:meth:`gradbook.activations.Activation.saturated`);
+    * ``dead``: the fraction of units (non-batch positions) whose derivative is exactly 0 for every example.
+    """
+
+    weight_grad_norm: np.ndarray | None = None
+    grad_norm: np.ndarray | None = None
+    act_mean: np.ndarray | None = None
+    act_std: np.ndarray | None = None
+    saturated: np.ndarray | None = None
+    dead: np.ndarray | None = None
+
+
+#: The names of the per-layer quantities, in the order of :class:`Fields`.
+FIELDS = [f.name for f in fields(Fields)]
+LAYER_FIELDS, ACTIVATION_FIELDS = FIELDS[:2], FIELDS[2:]
+
+
+@dataclass
+class Snapshot(Fields):
+    """Per-layer measurements of one backward pass (:class:`Fields`); arrays run from the input side to the
+    output side."""
+
+    step: int
+    layers: list[str]
+    activations: list[str]
+
+
+@dataclass
+class Trace(Fields):
+    """Snapshots stacked over the recorded steps: each array of :class:`Fields` has shape (recorded steps, layers)."""
+
+    layers: list[str]
+    activations: list[str]
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> Snapshot:
+        i = range(len(self))[i]
+        return Snapshot(int(self.steps[i]), self.layers, self.activations,
+                        **{k: (None if getattr(self, k) is None else getattr(self, k)[i]) for k in FIELDS})
+
+    def select(self, keep) -> "Trace":
+        """The recorded steps picked by ``keep`` (a boolean mask or indices over the recorded steps)."""
+        return replace(self, steps=self.steps[keep],
+                       **{k: (None if getattr(self, k) is None else getattr(self, k)[keep]) for k in FIELDS})
+
+
+def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs that gradbook measures as layers, in registration order."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, LAYER_TYPES) and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """A layer's trainable weight tensors (parameters whose name starts with 'weight'; all if none)."""
+    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    weights = [p for n, p in own if n.startswith("weight")]
+    return weights or [p for _, p in own]
+
+
+def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module, _acts.Activation]]:
+    """The (name, module, Activation) triples of the activation modules gradbook knows, in order."""
+    out = []
+    for n, m in model.named_modules():
+        act = _acts.from_module(m)
+        if act is not None:
+            out.append((n, m, act))
+    return out
+
+
+def recurrent_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's recurrent modules: torch's RNN/LSTM/GRU and anything with a ``states`` method."""
+    return [m for m in model.modules() if isinstance(m, nn.RNNBase) or hasattr(m, "states")]
+
+
+def output_tensor(out) -> torch.Tensor | None:
+    """The tensor a module's output stands for: the output itself, or the first entry of a tuple or list
+    (``nn.RNN`` returns ``(output, h_n)``); None if there is none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+#: float32 norms outside this range may have lost accuracy to underflow or overflow.
+SAFE_RANGE = (1e-15, 1e15)
+
+
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor (float64, on the tensors' device), accurate even for float32 gradients
+    of 1e-20 or 1e20.
+
+    torch's float32 norm squares entries in float32, so entries below ~1e-19 underflow (a vanishing
+    gradient would read as 0) and entries above ~1e19 overflow. On the CPU, where checking a value costs
+    nothing, norms are taken in the tensor's dtype and the few outside :data:`SAFE_RANGE` are recomputed
+    in float64; on an accelerator every norm is taken in float64, which avoids a synchronisation.
+    """
+    lo, hi = SAFE_RANGE
+    if len(tensors) == 1 and tensors[0].device.type == "cpu":   # the common case in a tensor hook
+        n = torch.linalg.vector_norm(tensors[0])
+        if tensors[0].dtype == torch.float64 or lo <= n.item() <= hi:
+            return n.double().reshape(1)
+        return torch.linalg.vector_norm(tensors[0], dtype=torch.float64).reshape(1)
+    if tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    raw = torch._foreach_norm(tensors)
+    out = (torch.stack(raw) if len({n.dtype for n in raw}) == 1 else torch.stack([n.double() for n in raw])).double()
+    for i in torch.nonzero((out < lo) | (out > hi) | ~torch.isfinite(out)).flatten().tolist():
+        if tensors[i].dtype != torch.float64:
+            out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return out
