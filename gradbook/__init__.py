@@ -23,7 +23,7 @@ from .records import Snapshot, Trace
 from .train import History, evaluate, fit
 from .watch import watch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "book", "data", "diagnosis", "explorers", "init", "measure",
            "nets", "plot", "progress", "records", "remedies", "scratch", "theory", "toys", "train", "widgets",

@@ -357,3 +357,17 @@ def test_the_api_reference_documents_every_public_name():
         if public - documented.get(module, set()):
             missing[module] = sorted(public - documented.get(module, set()))
     assert not missing, f"public names missing from book/api.md: {missing}"
+
+
+def test_the_package_links_to_the_configured_site_and_pages_the_book_has():
+    """gradbook.book.SITE is _config.yml's html.baseurl; every page the package links to is in the book."""
+    import yaml
+
+    import gradbook
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert gradbook.book.SITE == config["html"]["baseurl"] and gradbook.book.SITE.endswith("/")
+    assert set(gradbook.book.PAGES.values()) <= set(toc_files())
+    topics = {rule.topic for rule in gradbook.remedies.RULES}
+    assert topics <= set(gradbook.book.PAGES), topics - set(gradbook.book.PAGES)
+    assert gradbook.book.page_url("clipping") == gradbook.book.SITE + "book/exploding/clipping.html"

@@ -23,11 +23,12 @@ from nbgrader.converters import GenerateAssignment, GenerateFeedback
 from nbgrader.preprocessors import ClearHiddenTests, NbGraderPreprocessor
 from traitlets import Unicode
 
+from gradbook.book import SITE
+
 c = get_config()  # noqa: F821 (provided by nbgrader when it loads this file)
 
-# The book's website, html.baseurl of the repository's _config.yml (tests/test_instructor_path.py keeps the
-# two in step). A chapter book/x/y.ipynb is the page <SITE>book/x/y.html.
-SITE = "https://gradbook.github.io/gradbook/"
+# The book's website, html.baseurl of the repository's _config.yml, as the installed gradbook knows it
+# (gradbook.book.SITE; tests keep the two in step). A chapter book/x/y.ipynb is the page <SITE>book/x/y.html.
 # Where the source notebooks live in the book's repository: the links in them are relative to this.
 SOURCE_IN_REPOSITORY = "book/assignments/source"
 
