@@ -207,7 +207,7 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
 
 
 def from_trace(model: nn.Module, trace: Trace, lr: float | None = None) -> Diagnosis:
-    """A :class:`Diagnosis` over a window of training steps recorded by :class:`gradbook.measure.watch`.
+    """A :class:`Diagnosis` over a window of training steps recorded by :class:`gradbook.watch.watch`.
 
     Each per-layer quantity is the median over the recorded steps of ``trace`` (which must have been
     recorded with ``level="full"``), so one unusual batch does not decide the verdict; the weights'
