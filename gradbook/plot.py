@@ -74,8 +74,8 @@ def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = Non
         values = getattr(snap, attr)
         if values is None:
             raise ValueError(f"this record has no {attr!r}: measure it with level='full'")
-        ax.semilogy(np.arange(1, len(values) + 1), values, marker="o",
-                    label=None if labels is None else labels[i])
+        ax.semilogy(np.arange(1, len(values) + 1), values, marker="o", markersize=4.5, linewidth=1.2,
+                    alpha=0.8, zorder=2, label=None if labels is None else labels[i])
     if predicted is not None:
         _overlay(ax, predicted, len(records), predicted_label)
     from matplotlib.ticker import MaxNLocator
@@ -86,12 +86,24 @@ def gradient_flow(*records: Snapshot | Trace, labels: Sequence[str] | None = Non
     if title:
         ax.set_title(title)
     if labels is not None or predicted is not None:
-        ax.legend()
+        handles, texts = ax.get_legend_handles_labels()
+        if predicted is not None:       # the prediction's legend entry in neutral black, whatever its colours
+            from matplotlib.lines import Line2D
+
+            handles = [Line2D([], [], color="black", linestyle="--", linewidth=2.0) if t == predicted_label
+                       else h for h, t in zip(handles, texts)]
+        ax.legend(handles, texts)
     return ax
 
 
 def _overlay(ax, predicted, n_records: int, label: str) -> None:
-    """Dashed predicted profiles: one array (black), or one per record in the records' colours."""
+    """Dashed predicted profiles: one array (black), or one per record in the records' colours.
+
+    Drawn on top of the measurements (a higher zorder) with a white halo, so that a prediction lying
+    exactly on its measured markers stays visible instead of hiding underneath them.
+    """
+    from matplotlib import patheffects
+
     one = all(p is not None and np.ndim(p) == 0 for p in predicted)   # a single profile of numbers
     profiles = [predicted] if one else list(predicted)
     if not one and len(profiles) != n_records:
@@ -105,8 +117,9 @@ def _overlay(ax, predicted, n_records: int, label: str) -> None:
         if values.ndim != 1 or len(values) == 0:
             raise ValueError(f"a predicted profile must be a non-empty 1-D array, got shape {values.shape}")
         colour = "black" if one or not colours else colours[i]
-        ax.semilogy(np.arange(1, len(values) + 1), values, linestyle="--", linewidth=1.5, color=colour,
-                    label=label if first else None)
+        ax.semilogy(np.arange(1, len(values) + 1), values, linestyle="--", linewidth=2.0, color=colour,
+                    zorder=5, dashes=(4, 2), label=label if first else None,
+                    path_effects=[patheffects.withStroke(linewidth=4.0, foreground="white")])
         first = False
 
 
