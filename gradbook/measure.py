@@ -5,13 +5,16 @@ Each function runs its own forward (and backward) pass and leaves the model as i
 parameters' ``.grad`` and the buffers (BatchNorm running statistics) are restored. The always-on probe for
 training loops is :class:`gradbook.watch.watch`; what is measured is listed in :data:`gradbook.records.FIELDS`.
 
-Losses. The default loss (:func:`default_loss`) is cross-entropy for integer targets, mean squared error
-for float targets and ``sum(y^2)/2`` without targets. Mean-field theory instead assumes that the
+Batches and losses. ``inputs`` may be a tensor, a tuple of positional arguments or a dict of keyword
+arguments, and the loss function receives exactly what the model returned (:mod:`gradbook.batches`,
+which also checks the batch). The default loss (:func:`gradbook.batches.default_loss`) is cross-entropy
+for integer targets, mean squared error for float targets and ``sum(y^2)/2`` without targets. Mean-field theory instead assumes that the
 gradient arriving at the output is independent of the weights: :func:`random_direction` is that loss,
 ``<r, y>`` for a fixed Gaussian direction r.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -20,12 +23,14 @@ import torch
 from torch import nn
 
 from ._checks import choice
-from .records import Snapshot, output_tensor, weight_tensors
+from .batches import call, check_batch, default_loss, loss_of
+from .makeup import Makeup, observe
+from .records import Snapshot, eager, layers, norms, output_tensor, weight_tensors
 from .watch import watch
 
 __all__ = ["gradients", "activations", "capture", "stream", "Stream", "through_time", "input_gradients",
            "measured_factors", "factor_per_layer", "jacobian_singular_values", "random_direction",
-           "RandomDirection", "default_loss", "kept_buffers", "snapshot_weights", "update_ratios"]
+           "RandomDirection", "kept_buffers", "snapshot_weights", "update_ratios", "evidence", "Evidence"]
 
 
 class kept_buffers:
@@ -42,15 +47,6 @@ class kept_buffers:
         with torch.no_grad():
             for b, old in self.saved:
                 b.copy_(old)
-
-
-def default_loss(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy for integer targets, mean squared error for float targets, ``sum(output^2)/2`` without."""
-    if target is None:
-        return output.pow(2).sum() / 2
-    if not target.is_floating_point():
-        return nn.functional.cross_entropy(output, target)
-    return nn.functional.mse_loss(output, target)
 
 
 class RandomDirection:
@@ -82,15 +78,32 @@ def random_direction(like, dtype: torch.dtype | None = None, generator: torch.Ge
     return RandomDirection(r)
 
 
-def _forward_backward(model, inputs, targets, loss_fn):
-    """One forward and backward pass whose ``.grad`` leaves no trace on the model's parameters."""
+def _weight_grad_norms(named) -> torch.Tensor:
+    """||dL/dW|| of each layer from its weights' ``.grad`` (0 for a layer that received none)."""
+    rows = []
+    for _, m in named:
+        grads = [p.grad for p in weight_tensors(m) if p.grad is not None]
+        rows.append(norms(grads).pow(2).sum().sqrt() if grads else torch.zeros((), dtype=torch.float64))
+    return torch.stack([r.cpu() for r in rows]) if rows else torch.zeros(0, dtype=torch.float64)
+
+
+def _forward_backward(model, inputs, targets, loss_fn, *, autocast=None, seen=None) -> tuple[torch.Tensor, float]:
+    """One checked forward and backward pass that leaves no ``.grad`` behind: each layer's ||dL/dW|| and
+    the loss. ``autocast``: the dtype of the forward pass under ``torch.autocast`` (no loss scaling)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: there is no gradient to measure")
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None
+    device = params[0].device.type
     try:
-        out = output_tensor(model(inputs))
-        (loss_fn or default_loss)(out, targets).backward()
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None), seen or nullcontext():
+            loss = loss_of(call(model, inputs), targets, loss_fn)
+        value = float(loss.detach())
+        if np.isfinite(value):
+            loss.backward()
+        return _weight_grad_norms(layers(model)), value
     finally:
         for p, g in zip(params, saved):
             p.grad = g
@@ -100,13 +113,70 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
               level: str = "full") -> Snapshot:
     """Measure one forward and backward pass of ``model`` on a batch.
 
-    The loss is ``loss_fn(model(inputs), targets)``, by default :func:`default_loss`. The
-    parameters' ``.grad`` and the model's buffers (BatchNorm running statistics) are left as they were
-    before the call.
+    The loss is ``loss_fn(output, targets)``, by default :func:`default_loss`, on exactly what
+    :func:`gradbook.batches.call` returned. The parameters' ``.grad`` and the model's buffers are left as
+    they were. A ``torch.compile``d model is measured through the module it compiled, in eager mode.
     """
+    model = eager(model)
+    check_batch(inputs, targets, default_loss=loss_fn is None)
     with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level) as w:
-        _forward_backward(model, inputs, targets, loss_fn)
-    return w.trace[-1]
+        wgrad, _ = _forward_backward(model, inputs, targets, loss_fn)
+    snap = w.trace[-1]
+    snap.weight_grad_norm = wgrad.numpy()
+    return snap
+
+
+@dataclass
+class Evidence:
+    """What :func:`evidence` gathers in one forward and backward pass."""
+    snapshot: Snapshot
+    makeup: Makeup
+    loss: float
+    time_grad: np.ndarray | None
+
+
+def _time_hook(model, inputs, time_dim):
+    """Read ||dL/dx_t|| at a float sequence input, or at the first embedding's output of a token model:
+    (inputs to use, list that receives it, hook handle or None)."""
+    got: list[np.ndarray] = []
+
+    def keep(g):
+        other = [d for d in range(g.dim()) if d != time_dim]
+        got.append(torch.linalg.vector_norm(g.detach().double(), dim=other).cpu().numpy())
+    if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+        x = inputs.detach().clone().requires_grad_(True)
+        x.register_hook(keep)
+        return x, got, None
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        return inputs, got, None
+
+    def hook(module, args, out):   # returns None: the output is not replaced
+        if out.requires_grad:
+            out.register_hook(keep)
+    return inputs, got, emb.register_forward_hook(hook)
+
+
+def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *,
+             time_dim: int | None = None, autocast: torch.dtype | None = None) -> Evidence:
+    """What :func:`gradbook.diagnose` decides on, from one checked forward and backward pass: the
+    :class:`Snapshot` of :func:`gradients`, the :class:`gradbook.makeup.Makeup` observed in the same pass,
+    the loss (returned, not back-propagated, if it is not finite) and, with ``time_dim``, ||dL/dx_t||."""
+    check_batch(inputs, targets, default_loss=loss_fn is None)
+    handle, got = None, []
+    if time_dim is not None:
+        choice("time_dim", time_dim, [0, 1])
+        inputs, got, handle = _time_hook(model, inputs, time_dim)
+    seen = observe(model)
+    try:
+        with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full") as w:
+            wgrad, loss = _forward_backward(model, inputs, targets, loss_fn, autocast=autocast, seen=seen)
+    finally:
+        if handle is not None:
+            handle.remove()
+    snap = w.trace[-1]
+    snap.weight_grad_norm = wgrad.numpy()
+    return Evidence(snap, seen.makeup, loss, got[0] if got else None)
 
 
 def activations(model: nn.Module, inputs) -> Snapshot:
@@ -118,7 +188,7 @@ def activations(model: nn.Module, inputs) -> Snapshot:
     statistics); its running statistics are left untouched.
     """
     with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full") as w:
-        model(inputs)
+        call(eager(model), inputs)
     snap = w.trace[-1]
     snap.weight_grad_norm = snap.grad_norm = None
     return snap

@@ -1,8 +1,10 @@
 """What gradbook measures on any ``torch.nn.Module``, and the records it keeps.
 
-*Which modules.* A model's **layers** are its Linear, Conv, RNN, Bilinear and Embedding modules that hold a
-trainable parameter, in registration order; a layer's **weights** are its parameters named ``weight*``
-(biases left out); its **activations** are the modules whose nonlinearity :mod:`gradbook.activations`
+*Which modules.* A model's **layers** are its Linear, Conv, RNN, Bilinear, Embedding, EmbeddingBag and
+MultiheadAttention modules that hold a trainable parameter of their own, in registration order; a layer's
+**weights** are its parameters whose name contains ``weight`` (biases left out; for MultiheadAttention its
+``in_proj_weight``, the queries', keys' and values' projection, whose ``out_proj`` is a Linear layer of its
+own); its **activations** are the modules whose nonlinearity :mod:`gradbook.activations`
 knows; its **recurrent** modules are torch's RNN/LSTM/GRU and anything with a ``states`` method
 (:class:`gradbook.nets.ElmanRNN`, :class:`gradbook.nets.LSTM`).
 
@@ -23,10 +25,10 @@ from torch import nn
 from . import activations as _acts
 
 __all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "activation_modules",
-           "recurrent_modules", "output_tensor", "norms"]
+           "recurrent_modules", "output_tensor", "output_tensors", "norms", "eager"]
 
 #: The module types measured as layers (those with a trainable parameter).
-LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.RNNBase,
+LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase,
                nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 @dataclass(kw_only=True)
@@ -95,10 +97,17 @@ def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, LAYER_TYPES) and any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
+def eager(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d model wraps (measured in eager mode: the same numbers, and no
+    graph breaks or recompilations caused by measuring hooks); any other module itself."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
 def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """A layer's trainable weight tensors (parameters whose name starts with 'weight'; all if none)."""
+    """A layer's trainable weight tensors (parameters whose name contains 'weight'; all if none)."""
     own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    weights = [p for n, p in own if n.startswith("weight")]
+    weights = [p for n, p in own if "weight" in n]
     return weights or [p for _, p in own]
 
 
@@ -127,6 +136,15 @@ def output_tensor(out) -> torch.Tensor | None:
     return None
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a model's output, however nested in tuples, lists and dicts (values in order): a
+    probe that must see the backward pass start can hook the ones that require a gradient."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in output_tensors(item)]
+
+
 #: float32 norms outside this range may have lost accuracy to underflow or overflow.
 SAFE_RANGE = (1e-15, 1e15)
 
@@ -141,6 +159,8 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     in float64; on an accelerator every norm is taken in float64, which avoids a synchronisation.
     """
     lo, hi = SAFE_RANGE
+    if torch.compiler.is_compiling():   # inside a torch.compile graph: no .item(), which would break it
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
     if len(tensors) == 1 and tensors[0].device.type == "cpu":   # the common case in a tensor hook
         n = torch.linalg.vector_norm(tensors[0])
         if tensors[0].dtype == torch.float64 or lo <= n.item() <= hi:

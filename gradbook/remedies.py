@@ -1,7 +1,8 @@
 """What to do about a verdict: rules that take the evidence and the model's make-up, and name a remedy.
 
 :func:`prescribe` turns a :class:`gradbook.diagnosis.Diagnosis` (read by its fields: ``verdict``,
-``activations``, ``saturated``, ``dead``, ``depth_scales``) and the model into an ordered list of
+``activations``, ``saturated``, ``dead``, ``depth_scales``), the model and its make-up
+(:mod:`gradbook.makeup`: normalization, residual additions, attention, the initialization's scale) into an ordered list of
 :class:`Remedy`, most promising first. Each rule of :data:`RULES` says for which verdict it applies, when
 (a test on the :class:`Facts` of the case), what to do, why, and which chapter of the book explains it;
 each remedy links to that chapter's page at its full address (:func:`gradbook.book.page_url`).
@@ -14,15 +15,18 @@ from typing import Callable
 from torch import nn
 
 from .book import page_url
-from .records import recurrent_modules
+from .makeup import Makeup, describe
 from .theory import TRAINABLE_DEPTH_SCALES
 
-__all__ = ["Remedy", "Facts", "Rule", "RULES", "prescribe", "facts", "SATURATED", "DEAD"]
+__all__ = ["Remedy", "Facts", "Rule", "RULES", "prescribe", "facts", "SATURATED", "DEAD", "ATTENTION_LOGIT"]
 
 #: Fraction of an activation's inputs in saturation (phi' < 0.1 gamma) above which a layer is "saturated".
 SATURATED = 0.5
 #: Fraction of units dead on the whole batch above which a layer is "dying".
 DEAD = 0.5
+#: Largest attention logit |q.k|/sqrt(d_head) above which the softmax is nearly one-hot (Wortsman et al.
+#: 2023 saw training diverge once logits passed a few tens; they are of order 1 at a default init).
+ATTENTION_LOGIT = 30.0
 
 
 @dataclass
@@ -44,39 +48,48 @@ class Remedy:
 
 @dataclass
 class Facts:
-    """What the rules look at: the model's make-up and the evidence of its diagnosis."""
+    """What the rules look at: the model's make-up (:class:`gradbook.makeup.Makeup`) and the evidence of
+    its diagnosis."""
 
     recurrent: bool          # an RNN/LSTM/GRU or a module with a ``states`` method
     gated: bool              # an LSTM or GRU
-    normed: bool             # batch, layer or group normalization
-    activation_types: set    # class names of the model's modules ("ReLU", "Sigmoid", ...)
+    normed: bool             # batch, layer, group, instance or RMS normalization
+    activation_types: set    # lower-case names of the nonlinearities used, as modules or as functions
     saturated: list          # activation layers with more than SATURATED of their inputs in saturation
     dead: list               # activation layers with more than DEAD of their units dead
     time_vanishing: bool     # the gradient through time fades beyond the trainability line
+    residual: bool = False   # residual additions x + f(x) seen in the forward pass
+    attention: bool = False  # nn.MultiheadAttention modules
+    attention_logit: float = 0.0   # the largest |q.k|/sqrt(d_head) seen
+    init: str | None = None  # the named initialization the layers match ("he", "xavier", "pytorch-default")
 
     @property
     def relu_like(self) -> bool:
-        return bool({"ReLU", "LeakyReLU", "ELU", "GELU"} & self.activation_types)
+        return bool({"relu", "leakyrelu", "leaky_relu", "elu", "gelu", "relu6", "silu"} & self.activation_types)
 
     @property
     def sigmoid(self) -> bool:
-        return "Sigmoid" in self.activation_types
+        return "sigmoid" in self.activation_types
 
     @property
     def tanh(self) -> bool:
-        return "Tanh" in self.activation_types
+        return "tanh" in self.activation_types
+
+    @property
+    def init_fits(self) -> bool:
+        """The initialization already matches the nonlinearity (He for ReLU-like, Xavier for tanh)."""
+        return (self.relu_like and self.init == "he") or (self.tanh and not self.relu_like and self.init == "xavier")
 
 
-def facts(diag, model: nn.Module) -> Facts:
-    """The :class:`Facts` of a diagnosis of ``model``."""
-    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+def facts(diag, model: nn.Module, makeup: Makeup | None = None) -> Facts:
+    """The :class:`Facts` of a diagnosis of ``model`` (``makeup``: its observed make-up, if known)."""
+    m = makeup or describe(model)
     over = lambda values, line: [a for a, v in zip(diag.activations, values) if v > line]   # noqa: E731
-    return Facts(recurrent=bool(recurrent_modules(model)),
-                 gated=any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for m in model.modules()),
-                 normed=any(isinstance(m, norms) for m in model.modules()),
-                 activation_types={type(m).__name__ for m in model.modules()},
+    return Facts(recurrent=m.recurrent, gated=m.gated, normed=m.normed, activation_types=m.nonlinearities,
                  saturated=over(diag.saturated, SATURATED), dead=over(diag.dead, DEAD),
-                 time_vanishing=diag.depth_scales.get("time", 0.0) < -TRAINABLE_DEPTH_SCALES)
+                 time_vanishing=diag.depth_scales.get("time", 0.0) < -TRAINABLE_DEPTH_SCALES,
+                 residual=m.residual > 0, attention=bool(m.attention),
+                 attention_logit=m.attention_logit or 0.0, init=m.init)
 
 
 def _span(names: list) -> str:
@@ -99,8 +112,12 @@ class Rule:
 
 ALWAYS = lambda f: True   # noqa: E731
 
-#: The rules, in order of priority within each verdict.
+#: The rules, in order of priority within each verdict. A rule for "exploding" also serves a loss that is
+#: already non-finite at initialization ("non-finite"). To add a symptom, append a Rule.
 RULES = [
+    # non-finite at initialization
+    Rule("non-finite", ALWAYS, "find the overflow in the module named (a log of 0, a division, an exp, or weights far too large)",
+         "the loss is not finite before any step, so no gradient can be read", "depth-init"),
     # exploding, recurrent
     Rule("exploding", lambda f: f.recurrent, "clip the gradient by its norm (torch.nn.utils.clip_grad_norm_)",
          "a recurrent layer multiplies the gradient by W_rec at every step", "clipping"),
@@ -108,8 +125,18 @@ RULES = [
          "growth through time needs gamma * sigma_max(W_rec) > 1", "recurrent-init"),
     Rule("exploding", lambda f: f.recurrent and not f.gated, "use an LSTM or GRU",
          "gates give the gradient a path that neither explodes nor vanishes", "architectures"),
+    # exploding, residual or attention
+    Rule("exploding", lambda f: f.residual and not f.normed,
+         "scale each residual branch down (by 1/sqrt(depth), or zero-initialize its last layer: Fixup)",
+         "unnormalized residual blocks add a branch as large as their input, so the stream grows with every block",
+         "architectures"),
+    Rule("exploding", lambda f: f.attention and f.attention_logit > ATTENTION_LOGIT,
+         "normalize queries and keys before the attention softmax (QK-norm), or lower the learning rate",
+         lambda f: f"the largest attention logit is {f.attention_logit:.3g}: the softmax is nearly one-hot",
+         "diagnose"),
     # exploding, feed-forward
-    Rule("exploding", lambda f: not f.recurrent, "scale the initial weights down (He for ReLU, Xavier for tanh)",
+    Rule("exploding", lambda f: not f.recurrent and not f.init_fits,
+         "scale the initial weights down (He for ReLU, Xavier for tanh)",
          "weights too large multiply the signal by more than one per layer", "depth-init"),
     Rule("exploding", lambda f: not f.recurrent, "clip the gradient by its norm",
          "it bounds every step while the cause is fixed", "clipping"),
@@ -130,21 +157,26 @@ RULES = [
          "it keeps the pre-activations out of saturation", "batch-norm"),
     Rule("vanishing", lambda f: bool(f.dead), "lower the learning rate, or use leaky ReLU / ELU",
          lambda f: f"{len(f.dead)} layer(s) have more than half their units dead ({f.dead[0]} ...)", "relu"),
-    Rule("vanishing", lambda f: f.relu_like and not f.saturated, "use He initialization (weights with variance 2/fan_in)",
+    Rule("vanishing", lambda f: f.relu_like and not f.saturated and f.init != "he",
+         "use He initialization (weights with variance 2/fan_in)",
          "ReLU halves the signal's second moment; He's variance restores it per layer", "xavier-he"),
     Rule("vanishing", lambda f: f.sigmoid and not f.saturated,
          "replace sigmoid by tanh (with Xavier initialization) or ReLU (with He initialization)",
          "sigmoid's derivative is at most 1/4, so every sigmoid layer divides the gradient by 4 or more", "activations"),
-    Rule("vanishing", lambda f: f.tanh and not f.sigmoid and not f.saturated, "use Xavier (Glorot) initialization",
+    Rule("vanishing", lambda f: f.tanh and not f.sigmoid and not f.saturated and f.init != "xavier",
+         "use Xavier (Glorot) initialization",
          "with variance 1/fan_in per layer the tanh signal keeps its scale", "xavier-he"),
     Rule("vanishing", lambda f: not f.normed and not f.recurrent, "add batch or layer normalization",
          "it resets the scale at every layer", "batch-norm"),
-    Rule("vanishing", ALWAYS, "add residual connections", "an identity path carries the gradient past every layer",
-         "architectures"),
+    Rule("vanishing", lambda f: not f.residual, "add residual connections",
+         "an identity path carries the gradient past every layer", "architectures"),
 ]
 
 
-def prescribe(diag, model: nn.Module) -> list[Remedy]:
-    """The remedies for a diagnosis of ``model``, most promising first (none for a healthy model)."""
-    f = facts(diag, model)
-    return [rule.remedy(f) for rule in RULES if rule.verdict == diag.verdict and rule.when(f)]
+def prescribe(diag, model: nn.Module, makeup: Makeup | None = None) -> list[Remedy]:
+    """The remedies for a diagnosis of ``model``, most promising first (none for a healthy model, or one
+    whose verdict is "cannot tell"). A non-finite loss gets its own rule, then those for "exploding".
+    No remedy is one the model already applies (normalization, residual connections, a fitting init)."""
+    f = facts(diag, model, makeup)
+    wanted = {diag.verdict} | ({"exploding"} if diag.verdict == "non-finite" else set())
+    return [rule.remedy(f) for rule in RULES if rule.verdict in wanted and rule.when(f)]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradbook as gb
-from gradbook.diagnosis import log_change
+from gradbook.profiles import log_change
 from gradbook.theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
 
@@ -195,7 +195,13 @@ def test_nonfinite_gradient_is_exploding_and_named():
     with torch.no_grad():
         net[2].weight.fill_(float("inf"))
     d = gb.diagnose(net, torch.randn(4, 4), torch.randn(4, 1))
-    assert d.verdict == "exploding" and "not finite" in d.reason and d.start is not None
+    # the loss itself is inf at initialization: a verdict of its own, with the module where it appeared
+    assert d.verdict == "non-finite" and d.start == "2 (Linear)" and "the loss is nan" in d.reason
+    assert d.remedies and "non-finite" in d.report().lower()
+    # a finite loss whose gradient is not finite (sqrt at 0) is exploding, named from the output side
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    d = gb.diagnose(net, torch.randn(4, 4), loss_fn=lambda out, y: (out - out.detach()).sqrt().sum())
+    assert d.verdict == "exploding" and "not finite" in d.reason and d.start == "2 (Linear)"
 
 
 def test_time_axis_follows_batch_first():

@@ -1,0 +1,203 @@
+"""What a model is made of, as far as its gradients are concerned: :func:`describe` and :class:`observe`.
+
+:func:`describe` reads the modules: embeddings, attention, recurrent and gated layers, normalization,
+the activation modules gradbook knows and those it does not, and each layer's initial scale ``fan_in *
+Var(W)`` (2 for He, 1 for Xavier/LeCun, 1/3 for PyTorch's default ``U(+-1/sqrt(fan_in))``).
+
+What the modules do not say, a forward pass shows: :class:`observe` watches one pass (through
+``torch.overrides.TorchFunctionMode``, which sees every torch function the model's code calls) and adds
+
+* **functional nonlinearities**: ``torch.sigmoid``, ``F.relu``, ``x.tanh()``, ... called in a ``forward``
+  outside any activation module (``nn.TransformerEncoderLayer``'s ReLU is one);
+* **residual additions**: ``x + f(x)``, an addition of two tensors of one shape, one of which entered a
+  module of the model in the same pass (a skip path around that module);
+* **attention logits**: the largest ``|q . k| / sqrt(d_head)`` of every ``nn.MultiheadAttention``, from its
+  own projection weights (Wortsman et al. 2023: logits that grow during training make the softmax
+  one-hot and the training unstable).
+
+The diagnosis and the remedies read a :class:`Makeup` so that a remedy is never one the model already
+applies, and so that a report can say what it could not measure: activations that are functions or
+unknown modules have no forward statistics (``act_std``), and say so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import activations as _acts
+from .records import layers, output_tensors, recurrent_modules
+
+__all__ = ["Makeup", "describe", "observe", "attention_logit", "FUNCTIONAL", "INIT_GAINS"]
+
+#: Names of the torch functions counted as nonlinearities when called outside an activation module.
+FUNCTIONAL = {"sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "relu6", "gelu", "silu", "elu", "elu_",
+              "leaky_relu", "leaky_relu_", "softplus", "mish", "hardtanh", "hardtanh_", "selu", "celu",
+              "hardswish", "hardsigmoid", "logsigmoid", "softsign", "tanhshrink"}
+#: fan_in * Var(W) of the named initializations, and how far (a factor) a measured value may stray.
+INIT_GAINS = {"he": 2.0, "xavier": 1.0, "pytorch-default": 1 / 3}
+_TOLERANCE = 1.3
+_ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+          nn.modules.instancenorm._InstanceNorm)
+_NOT_HIDDEN = (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+
+
+@dataclass
+class Makeup:
+    """A model's make-up; the fields filled by a forward pass (:class:`observe`) are empty without one."""
+
+    embeddings: list[str]                 # nn.Embedding / nn.EmbeddingBag layers
+    attention: list[str]                  # nn.MultiheadAttention modules
+    recurrent: bool                       # an RNN/LSTM/GRU or a module with a ``states`` method
+    gated: bool                           # an LSTM or GRU
+    norms: list[str]                      # batch, layer, group, instance or RMS normalization
+    activation_types: set[str]            # class names of the activation modules gradbook knows
+    unknown_activations: list[str]        # activation modules gradbook has no derivative for ("SiLU")
+    init_gain: dict[str, float]           # fan_in * Var(W) of each Linear/Conv layer
+    functional: dict[str, int] = field(default_factory=dict)   # nonlinearity -> calls outside modules
+    residual: int = 0                     # residual additions in one forward pass
+    attention_logit: float | None = None  # largest |q.k|/sqrt(d_head) over the attention modules
+
+    @property
+    def normed(self) -> bool:
+        return bool(self.norms)
+
+    @property
+    def nonlinearities(self) -> set[str]:
+        """Lower-case names of every nonlinearity used: modules known or not, and functions."""
+        names = {t.lower() for t in self.activation_types}
+        names |= {n.split(" ")[0].lower() for n in self.unknown_activations}
+        return names | {n.rstrip("_") for n in self.functional}
+
+    @property
+    def init(self) -> str | None:
+        """The named initialization (:data:`INIT_GAINS`) the layers' median gain matches, or None."""
+        gains = sorted(self.init_gain.values())
+        if not gains:
+            return None
+        mid = gains[len(gains) // 2]
+        for name, g in INIT_GAINS.items():
+            if g / _TOLERANCE <= mid <= g * _TOLERANCE:
+                return name
+        return None
+
+    @property
+    def unmeasured(self) -> str | None:
+        """Why some activations have no forward statistics, or None when every one is measured."""
+        parts = []
+        if self.unknown_activations:
+            parts.append(f"activation modules gradbook has no derivative for ({', '.join(self.unknown_activations[:3])}"
+                         + (" ..." if len(self.unknown_activations) > 3 else "") + ")")
+        if self.functional:
+            parts.append("functional activations called inside forward ("
+                         + ", ".join(f"{k} x{v}" for k, v in sorted(self.functional.items())) + ")")
+        return " and ".join(parts) or None
+
+
+def _init_gain(module: nn.Module) -> float | None:
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or module.weight.dim() < 2:
+        return None
+    w = module.weight.detach()
+    fan_in = w[0].numel() if isinstance(module, nn.Linear) or not module.transposed else w.shape[0] * w[0, 0].numel()
+    return float(fan_in * w.double().var())
+
+
+def describe(model: nn.Module) -> Makeup:
+    """The :class:`Makeup` that the modules of ``model`` show, without running it."""
+    unknown = [f"{type(m).__name__} ({n})" for n, m in model.named_modules()
+               if type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, _NOT_HIDDEN)
+               and _acts.from_module(m) is None]
+    gains = {n: g for n, m in layers(model) if (g := _init_gain(m)) is not None}
+    return Makeup(
+        embeddings=[n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))],
+        attention=[n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)],
+        recurrent=bool(recurrent_modules(model)),
+        gated=any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for m in model.modules()),
+        norms=[n for n, m in model.named_modules() if isinstance(m, _NORMS)],
+        activation_types={type(m).__name__ for m in model.modules() if _acts.from_module(m) is not None},
+        unknown_activations=unknown, init_gain=gains)
+
+
+def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:
+    """The largest ``|q . k| / sqrt(d_head)`` of ``module`` on these query and key inputs (None if its
+    projections are not the packed ``in_proj_weight``)."""
+    if module.in_proj_weight is None or query.dim() != 3:
+        return None
+    e, h = module.embed_dim, module.num_heads
+    w, b = module.in_proj_weight.detach(), module.in_proj_bias
+    b = b.detach() if b is not None else torch.zeros(3 * e, dtype=w.dtype, device=w.device)
+    if not module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    q = nn.functional.linear(query.detach().to(w.dtype), w[:e], b[:e]).unflatten(-1, (h, e // h))
+    k = nn.functional.linear(key.detach().to(w.dtype), w[e:2 * e], b[e:2 * e]).unflatten(-1, (h, e // h))
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(e // h)
+    return float(logits.abs().max())
+
+
+class observe(TorchFunctionMode):
+    """Watch one forward pass of ``model`` and complete its :class:`Makeup` (``.makeup`` after the block)::
+
+        with observe(model) as seen:
+            model(x)
+        seen.makeup.functional, seen.makeup.residual
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.makeup = describe(model)
+        self._inputs: dict[int, torch.Tensor] = {}   # tensors that entered a module (kept alive: ids stay unique)
+        self._inside = 0                            # depth inside activation modules and our own computations
+        self._handles: list = []
+
+    def __enter__(self):
+        for _, m in self.model.named_modules():
+            act = type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
+            self._handles.append(m.register_forward_pre_hook(self._pre(m, act)))
+            if act:
+                self._handles.append(m.register_forward_hook(self._post))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+        return super().__exit__(*exc)
+
+    def _pre(self, module, act: bool):
+        def hook(mod, args):
+            if self._inside:
+                return None
+            for t in output_tensors(list(args)):
+                self._inputs[id(t)] = t
+            if isinstance(mod, nn.MultiheadAttention) and len(args) >= 2:
+                self._inside += 1
+                try:
+                    logit = attention_logit(mod, args[0], args[1])
+                finally:
+                    self._inside -= 1
+                if logit is not None:
+                    self.makeup.attention_logit = max(logit, self.makeup.attention_logit or 0.0)
+            if act:
+                self._inside += 1
+            return None
+        return hook
+
+    def _post(self, mod, args, out):
+        self._inside -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not self._inside:
+            if name in FUNCTIONAL:
+                self.makeup.functional[name] = self.makeup.functional.get(name, 0) + 1
+            elif name in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]) \
+                    and args[0].shape == args[1].shape and (id(args[0]) in self._inputs or id(args[1]) in self._inputs):
+                self.makeup.residual += 1
+        return func(*args, **kwargs)
