@@ -86,34 +86,60 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
         print(f"    {k:32s} {1e3 * med:7.2f} ms   {med / plain:5.3f}x plain{extra}")
 
 
+def _diagnose_models():
+    """The benchmark models of (c): the 20 x 256 ReLU MLP of (b), and a 4-layer pre-LN transformer on tokens."""
+    import torch
+    from torch import nn
+
+    import gradbook as gb
+
+    mlp = gb.mlp(depth=20, width=256, activation="relu", init="he")
+    yield "MLP 20 x 256, batch 128", mlp, torch.randn(128, 256), torch.randn(128, 256)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(200, 64)
+            layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True, norm_first=True)
+            self.enc = nn.TransformerEncoder(layer, 4, norm=nn.LayerNorm(64), enable_nested_tensor=False)
+            self.out = nn.Linear(64, 200)
+
+        def forward(self, x):
+            return self.out(self.enc(self.emb(x)))
+    yield "pre-LN transformer, 4 layers, batch 16 x 32 tokens", Tokens(), \
+        torch.randint(0, 200, (16, 32)), torch.randint(0, 200, (16, 32))
+
+
 def diagnose_cost(repeats: int = 30) -> None:
-    """One gb.diagnose call against one plain training step of the same model and batch."""
+    """One gb.diagnose call against one plain training step (forward, backward, SGD step) of the same model
+    and batch, interleaved call by call; the ratio of medians, in wall-clock and in CPU time (the
+    latter less sensitive to other processes on a shared machine)."""
     import torch
 
     import gradbook as gb
 
     gb.setup(0, style=False)
-    model = gb.mlp(depth=20, width=256, activation="relu", init="he")
-    x, y = torch.randn(128, 256), torch.randn(128, 256)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    for name, model, x, y in _diagnose_models():
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
+        def step():
+            opt.zero_grad(set_to_none=True)
+            gb.batches.default_loss(model(x), y).backward()
+            opt.step()
 
-    plain, diag = [], []
-    for i in range(repeats + 3):
-        t0 = time.perf_counter()
-        step()
-        t1 = time.perf_counter()
-        gb.diagnose(model, x, y)
-        t2 = time.perf_counter()
-        if i >= 3:
-            plain.append(t1 - t0)
-            diag.append(t2 - t1)
-    p, d = statistics.median(plain), statistics.median(diag)
-    print(f"(c) gb.diagnose on the same model: {1e3 * d:7.2f} ms, {d / p:5.2f}x one plain step ({1e3 * p:.2f} ms)")
+        times = {k: [] for k in ("plain", "diag", "plain_cpu", "diag_cpu")}
+        for i in range(repeats + 3):
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            t1, c1 = time.perf_counter(), time.process_time()
+            gb.diagnose(model, x, y)
+            t2, c2 = time.perf_counter(), time.process_time()
+            if i >= 3:
+                for k, v in zip(times, (t1 - t0, t2 - t1, c1 - c0, c2 - c1)):
+                    times[k].append(v)
+        p, d, pc, dc = (statistics.median(v) for v in times.values())
+        print(f"(c) gb.diagnose, {name}: {1e3 * d:7.2f} ms, {d / p:5.2f}x one plain step ({1e3 * p:.2f} ms); "
+              f"CPU time {dc / pc:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -93,8 +93,9 @@ def _check_tensor(what: str, value) -> None:
         return
     if value.dim() > 0 and value.shape[0] == 0:
         raise ValueError(f"{what} is an empty batch ({_describe(value)}); at least one example is needed")
-    if value.is_floating_point() or value.is_complex():
-        bad = ~torch.isfinite(value)
+    if (value.is_floating_point() or value.is_complex()) and value.numel() and \
+            not torch.isfinite(value.sum(dtype=torch.float64 if value.is_floating_point() else None)):
+        bad = ~torch.isfinite(value)   # the sum is a cheap first test; count exactly only when it fails
         if bad.any():
             raise ValueError(f"{what} holds {int(bad.sum())} non-finite value(s) (NaN or inf) in {_describe(value)}; "
                              "a gradient measured on them means nothing: clean the batch first")

@@ -70,7 +70,7 @@ from .batches import check_lr, first_nonfinite
 from .profiles import crossing, log_change, log_points, theil_sen
 from .makeup import Makeup, describe
 from .measure import evidence, kept_buffers
-from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, recurrent_modules, weight_tensors
+from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, norms, recurrent_modules, weight_tensors
 from .remedies import Remedy, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
@@ -261,8 +261,10 @@ def from_trace(model: nn.Module, trace: Trace, lr: float | None = None) -> Diagn
 
 
 def _weight_norms(named) -> np.ndarray:
-    return np.array([float(torch.sqrt(sum((w.detach().double() ** 2).sum() for w in weight_tensors(m))))
-                     for _, m in named])
+    """||W|| of each layer over its weight tensors (:func:`gradbook.records.norms`: accurate, one pass)."""
+    tensors = [(i, w.detach()) for i, (_, m) in enumerate(named) for w in weight_tensors(m)]
+    sq = norms([w for _, w in tensors]).cpu().numpy() ** 2
+    return np.sqrt(np.bincount([i for i, _ in tensors], weights=sq, minlength=len(named)))
 
 
 def _profiles(named, rel, act_std, tgrad, makeup: Makeup) -> tuple[dict, list[str]]:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import activations as _acts
-from .records import layers, output_tensors, recurrent_modules
+from .records import layers, norms, output_tensors
 
 __all__ = ["Makeup", "describe", "observe", "attention_logit", "FUNCTIONAL", "INIT_GAINS"]
 
@@ -98,28 +98,37 @@ class Makeup:
         return " and ".join(parts) or None
 
 
-def _init_gain(module: nn.Module) -> float | None:
-    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or module.weight.dim() < 2:
-        return None
-    w = module.weight.detach()
-    fan_in = w[0].numel() if isinstance(module, nn.Linear) or not module.transposed else w.shape[0] * w[0, 0].numel()
-    return float(fan_in * w.double().var())
+def _init_gains(model: nn.Module) -> dict[str, float]:
+    """fan_in * E[W^2] of each Linear/Conv layer (its variance for a zero-mean init), in one pass."""
+    named = [(n, m) for n, m in layers(model) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+             and m.weight.dim() >= 2 and m.weight.numel() > 0]
+    if not named:
+        return {}
+    sq = norms([m.weight.detach() for _, m in named]).cpu().numpy() ** 2
+    out = {}
+    for (n, m), s in zip(named, sq):
+        w = m.weight
+        fan_in = w[0].numel() if isinstance(m, nn.Linear) or not m.transposed else w.shape[0] * w[0, 0].numel()
+        out[n] = float(fan_in * s / w.numel())
+    return out
 
 
 def describe(model: nn.Module) -> Makeup:
     """The :class:`Makeup` that the modules of ``model`` show, without running it."""
-    unknown = [f"{type(m).__name__} ({n})" for n, m in model.named_modules()
+    named = list(model.named_modules())
+    known = {n for n, m in named if _acts.from_module(m) is not None}
+    unknown = [f"{type(m).__name__} ({n})" for n, m in named
                if type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, _NOT_HIDDEN)
-               and _acts.from_module(m) is None]
-    gains = {n: g for n, m in layers(model) if (g := _init_gain(m)) is not None}
+               and n not in known]
     return Makeup(
-        embeddings=[n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))],
-        attention=[n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)],
-        recurrent=bool(recurrent_modules(model)),
-        gated=any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for m in model.modules()),
-        norms=[n for n, m in model.named_modules() if isinstance(m, _NORMS)],
-        activation_types={type(m).__name__ for m in model.modules() if _acts.from_module(m) is not None},
-        unknown_activations=unknown, init_gain=gains)
+        embeddings=[n for n, m in named if isinstance(m, (nn.Embedding, nn.EmbeddingBag))],
+        attention=[n for n, m in named if isinstance(m, nn.MultiheadAttention)],
+        recurrent=any(isinstance(m, nn.RNNBase) or hasattr(m, "states") for _, m in named),
+        gated=any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for _, m in named),
+        norms=[n for n, m in named if isinstance(m, _NORMS)],
+        activation_types={type(m).__name__ for n, m in named if n in known},
+        unknown_activations=unknown,
+        init_gain=_init_gains(model))
 
 
 def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:
@@ -139,7 +148,8 @@ def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: tor
 
 
 class observe(TorchFunctionMode):
-    """Watch one forward pass of ``model`` and complete its :class:`Makeup` (``.makeup`` after the block)::
+    """Watch one forward pass of ``model`` (with gradients enabled: computations without them, such as a
+    probe's statistics, are not looked at) and complete its :class:`Makeup` (``.makeup`` after the block)::
 
         with observe(model) as seen:
             model(x)
@@ -193,11 +203,12 @@ class observe(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._inside or not torch.is_grad_enabled():   # our own, or a probe's, computations
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if not self._inside:
-            if name in FUNCTIONAL:
-                self.makeup.functional[name] = self.makeup.functional.get(name, 0) + 1
-            elif name in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]) \
-                    and args[0].shape == args[1].shape and (id(args[0]) in self._inputs or id(args[1]) in self._inputs):
-                self.makeup.residual += 1
+        if name in FUNCTIONAL:
+            self.makeup.functional[name] = self.makeup.functional.get(name, 0) + 1
+        elif name in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]) \
+                and args[0].shape == args[1].shape and (id(args[0]) in self._inputs or id(args[1]) in self._inputs):
+            self.makeup.residual += 1
         return func(*args, **kwargs)

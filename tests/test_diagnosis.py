@@ -246,3 +246,70 @@ def test_log_change_is_robust_to_one_odd_entry():
     assert log_change(prof) == pytest.approx(-4.5)
     assert log_change(np.array([1.0, np.nan, 0.0])) == 0.0
     assert THRESHOLD == 6.0 == gb.theory.TRAINABLE_DEPTH_SCALES
+
+
+def test_the_batch_is_checked_before_any_verdict():
+    """Bad inputs, targets and learning rates get errors that name the argument, the value and what is allowed."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs holds 1 non-finite value"):
+        gb.diagnose(net, bad, y)                      # not "exploding, starts at 2 (Linear)"
+    with pytest.raises(ValueError, match=r"targets holds 3 non-finite value\(s\)"):
+        gb.diagnose(net, x, torch.tensor([0.0, 1, float("inf"), 0, 0, 0]).reshape(6, 1).expand(6, 3))
+    with pytest.raises(ValueError, match=r"inputs is an empty batch .*shape \(0, 4\)"):
+        gb.diagnose(net, torch.randn(0, 4), y[:0])
+    with pytest.raises(ValueError, match=r"lr must be a positive number, got '0.1'"):
+        gb.diagnose(net, x, y, lr="0.1")
+    with pytest.raises(TypeError, match=r"targets must be a torch.Tensor, got a NumPy array of shape \(6,\)"):
+        gb.diagnose(net, x, y.numpy())
+    with pytest.raises(ValueError, match=r"cannot run on inputs \(a torch.float32 tensor of shape \(6, 5\)\).*in_features=4"):
+        gb.diagnose(net, torch.randn(6, 5), y)
+    with pytest.raises(ValueError, match=r"integer targets of shape \(6, 2\) do not fit outputs of shape \(6, 3\)"):
+        gb.diagnose(net, x, torch.zeros(6, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="loss_fn must return a scalar tensor"):
+        gb.diagnose(net, x, y, loss_fn=lambda out, t: out)
+    with pytest.raises(TypeError, match=r"returned dict; pass loss_fn"):
+        gb.diagnose(_Dict(), x, y)
+
+
+class _Dict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return {"logits": self.lin(x)}
+
+
+def test_loss_fn_receives_exactly_what_the_model_returned():
+    seen = []
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x, scale):
+            h = torch.tanh(self.a(x)) * scale
+            return h.detach().mean(), {"logits": self.b(h)}
+
+    def loss(out, y):
+        seen.append(out)
+        return nn.functional.cross_entropy(out[1]["logits"], y)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    d = gb.diagnose(Model(), (x, 2.0), y, loss_fn=loss)
+    assert isinstance(seen[0], tuple) and isinstance(seen[0][1], dict) and d.verdict == "healthy"
+    assert d.makeup.functional == {"tanh": 1}
+    d = gb.diagnose(Model(), {"x": x, "scale": 1.0}, y, loss_fn=loss)
+    assert np.all(d.weight_grad_norm > 0)
+
+
+def test_language_model_logits_take_token_targets_with_the_default_loss():
+    torch.manual_seed(0)
+    lm = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 20))
+    tokens = torch.randint(0, 20, (4, 7))
+    d = gb.diagnose(lm, tokens, torch.randint(0, 20, (4, 7)))        # (B, T, V) logits, (B, T) targets
+    assert np.isfinite(d.loss) and d.loss == pytest.approx(np.log(20), rel=0.3)
