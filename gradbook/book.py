@@ -2,7 +2,7 @@
 computed number to a chapter's prose so that the text cannot drift from the code.
 
 The address is configured once, in the book's ``_config.yml`` (``html.baseurl``); :data:`SITE` repeats it
-for code that runs outside the website (the remedies :func:`gradbook.diagnose` prints), and a test keeps
+for code that runs outside the website (the remedies :func:`gradbook.diagnosis.diagnose` prints), and a test keeps
 the two equal and checks that every page in :data:`PAGES` is in the book's table of contents.
 """
 from __future__ import annotations
