@@ -155,7 +155,7 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     torch's float32 norm squares entries in float32, so entries below ~1e-19 underflow (a vanishing
     gradient would read as 0) and entries above ~1e19 overflow. On the CPU, where checking a value costs
-    nothing, norms are taken in the tensor's dtype and the few outside :data:`SAFE_RANGE` are recomputed
+    nothing, norms are taken in the tensor's dtype and the few outside ``SAFE_RANGE`` are recomputed
     in float64; on an accelerator every norm is taken in float64, which avoids a synchronisation.
     """
     lo, hi = SAFE_RANGE
