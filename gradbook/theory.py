@@ -36,7 +36,7 @@ from ._checks import choice, non_negative, positive_int
 
 __all__ = ["expect", "length_map", "chi", "q_path", "gradient_factors", "gradient_profile", "fixed_point",
            "critical_sigma_w", "critical_line", "depth_scale", "trainable_depth", "init_sigma_w", "rnn_bounds",
-           "jacobian_spectrum", "TRAINABLE_DEPTH_SCALES"]
+           "jacobian_spectrum", "residual_profile", "TRAINABLE_DEPTH_SCALES"]
 
 # E[f(z)], z ~ N(0, 1), by Gauss-Legendre quadrature on [-12, 0] and [0, 12] separately: exact to ~1e-12
 # for functions that are smooth on each side of 0, such as ELU's derivative, which has a kink there and
