@@ -801,3 +801,14 @@ def test_stream_bad_input_names_what_is_wrong():
     frozen = nn.Sequential(nn.Linear(3, 1)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         gb.measure.stream(frozen, x)
+
+
+def test_norms_compile_without_a_graph_break():
+    """records.norms runs inside the hooks of a torch.compile'd model: no .item() there, so no graph break,
+    and the same accurate norm of a gradient too small for a float32 sum of squares."""
+    x = torch.full((100,), 1e-25)            # float32 would square each entry to 0: the norm is 1e-24
+    explained = torch._dynamo.explain(lambda t: gb.records.norms([t]))(x)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(lambda t: gb.records.norms([t]))(x)
+    torch.testing.assert_close(compiled, gb.records.norms([x]))
+    assert compiled.item() == pytest.approx(1e-24, rel=1e-6)
