@@ -69,9 +69,12 @@ def jacobian_chain(through: str = "depth", n: int = 4):
              "through time: every step multiplies by the same $W^{\\top}$, times $\\phi'$")
     ax.set_title(title, fontsize=FONT)
     ax.text(xs[-1] / 2, 1.05, "forward: activations", color=FORWARD, ha="center", fontsize=FONT)
-    ax.text(xs[-1] / 2, -1.55 if through == "time" else -1.0,
-            r"backward: $\delta_1 = J_2^{\top} J_3^{\top} \cdots\, \partial\mathcal{L}/\partial h$",
-            color=BACKWARD, ha="center", fontsize=FONT)
+    last = first + n - 1
+    product = " ".join(r"J_{%d}^{\top}" % k for k in range(first + 1, last + 1))
+    backward = rf"backward: $\partial\mathcal{{L}}/\partial h_{{{first}}} = {product}\,\partial\mathcal{{L}}/\partial h_{{{last}}}$"
+    if through == "time":
+        backward += r", each $J_t = \mathrm{diag}(\phi') W$"
+    ax.text(xs[-1] / 2, -1.55 if through == "time" else -1.0, backward, color=BACKWARD, ha="center", fontsize=FONT)
     ax.set_xlim(-0.7, xs[-1] + 0.7)
     ax.set_ylim(-1.8 if through == "time" else -1.25, 1.3)
     return fig
