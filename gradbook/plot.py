@@ -16,6 +16,7 @@ from ._checks import choice
 from .records import Snapshot, Trace
 
 __all__ = ["PALETTE", "style", "gradient_flow", "loss_curves", "diagnosis", "log_axis", "log_limits",
+           "magnitude_over_time",
            "power_of_ten", "finite_positive"]
 
 #: Okabe & Ito's colour-blind-safe palette (black first, then the eight hues minus yellow).
@@ -213,3 +214,31 @@ def log_axis(ax, which: str = "y") -> None:
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     axis.set_major_formatter(FuncFormatter(power_of_ten))
     axis.set_minor_formatter(NullFormatter())
+
+
+def magnitude_over_time(steps: Sequence[int], values: Sequence, ax=None, bins: int = 40, lim=None,
+                        title: str | None = None, ylabel: str = r"$\log_{10}|v|$"):
+    """A time-by-magnitude picture: one column per recorded step, the histogram of log10|v| of that
+    step's values (e.g. one layer's activations or weight gradients) as the column's shading.
+
+    ``values[i]`` holds the values recorded at ``steps[i]``; exact zeros are left out. ``lim`` fixes the
+    (low, high) range of log10|v|, else it spans the data. Returns the axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if len(steps) != len(values) or len(steps) < 2:
+        raise ValueError(f"need one array of values per step, at least two steps; got {len(steps)} steps "
+                         f"and {len(values)} arrays")
+    logs = [np.log10(np.abs(a[np.asarray(a) != 0])) for a in (np.asarray(v, dtype=float).ravel() for v in values)]
+    low, high = lim if lim is not None else (min(x.min() for x in logs), max(x.max() for x in logs))
+    edges = np.linspace(low, high, bins + 1)
+    counts = np.array([np.histogram(x, edges)[0] / max(len(x), 1) for x in logs]).T
+    if ax is None:
+        _, ax = plt.subplots()
+    ax.imshow(counts, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
+              extent=(steps[0], steps[-1], low, high))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
