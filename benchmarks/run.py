@@ -6,8 +6,10 @@
     python benchmarks/run.py --diagnose   # (c) cost of one gradbook.diagnose call, in plain steps
 
 (b) uses 20 Linear(256, 256) + ReLU layers, batch 128, one math thread, and times the arms interleaved
-step by step (plain, watch(level="norms"), watch(level="full"), watch(level="full", every=10)), so that
-machine noise hits every arm alike; it reports the median step time of each and its ratio to plain.
+step by step (plain, watch(level="norms"), watch(level="full"), watch(level="full", every=10); each watch
+with its optimizer, spike detection, the loss logged and TensorBoard export), so that machine noise hits
+every arm alike; it reports the median step time of each, its ratio to plain, and the memory the monitor
+keeps per recorded step.
 """
 from __future__ import annotations
 
@@ -40,8 +42,69 @@ def notebooks() -> None:
         print(f"    {path.relative_to(ROOT)}: {elapsed:6.2f} s")
 
 
-def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
+def _watch_arms(base, tmp):
+    """Each arm: a copy of the model, its optimizer, and its monitor (spikes and TensorBoard export on)."""
     import copy
+
+    import torch
+
+    import gradbook as gb
+
+    arms = {}
+    for name, kwargs in [("plain", None), ("watch(level='norms')", dict(level="norms")),
+                         ("watch(level='norms', ratios=False)", dict(level="norms", ratios=False)),
+                         ("watch(level='full')", dict(level="full")),
+                         ("watch(level='full', every=10)", dict(level="full", every=10))]:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        w = None
+        if kwargs is not None:
+            export = gb.export.TensorBoard(f"{tmp}/{len(arms)}") if _has_tensorboard() else ()
+            w = gb.watch(model, optimizer=opt, spikes=True, export=export, **kwargs)
+        arms[name] = (model, opt, w)
+    return arms
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _memory_per_step(base, level: str, steps: int = 200) -> float:
+    """Bytes the monitor keeps per recorded step (tracemalloc, after the steps are converted to numbers)."""
+    import copy
+    import tracemalloc
+
+    import torch
+
+    import gradbook as gb
+
+    model = copy.deepcopy(base)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x, y = torch.randn(8, 256), torch.randn(8, 256)
+    with gb.watch(model, optimizer=opt, level=level) as w:
+        def run(n):
+            for _ in range(n):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                w.log_loss(loss)
+                opt.step()
+            w.trace   # convert what is pending
+        run(10)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        run(steps)
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+    return (after - before) / steps
+
+
+def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
+    """The monitor as it is meant to be left on: with its optimizer (update ratios), spike detection, the loss
+    logged, and TensorBoard export (when tensorboard is installed), against plain steps of the same model."""
+    import tempfile
 
     import torch
 
@@ -50,40 +113,47 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
     gb.setup(0, style=False)
     base = gb.mlp(depth=20, width=256, activation="relu", init="he")
     x, y = torch.randn(128, 256), torch.randn(128, 256)
-    arms = {
-        "plain": (copy.deepcopy(base), None),
-        "watch(level='norms')": (m := copy.deepcopy(base), gb.watch(m, level="norms")),
-        "watch(level='full')": (m := copy.deepcopy(base), gb.watch(m, level="full")),
-        "watch(level='full', every=10)": (m := copy.deepcopy(base), gb.watch(m, level="full", every=10)),
-    }
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, (m, _) in arms.items()}
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _, w in arms.values():
-        if w is not None:
-            w.attach()
-    try:
-        names = list(arms)
-        for i in range(warmup + steps):
-            order = names[i % len(names):] + names[:i % len(names)]   # rotate who goes first
-            for k in order:
-                model, _ = arms[k]
-                t0 = time.perf_counter()
-                opts[k].zero_grad(set_to_none=True)
-                torch.nn.functional.mse_loss(model(x), y).backward()
-                opts[k].step()
-                if i >= warmup:
-                    times[k].append(time.perf_counter() - t0)
-        recorded = {k: len(w.trace) for k, (_, w) in arms.items() if w is not None}
-    finally:
-        for _, w in arms.values():
+    with tempfile.TemporaryDirectory() as tmp:
+        arms = _watch_arms(base, tmp)
+        times: dict[str, list[float]] = {k: [] for k in arms}
+        cpu: dict[str, list[float]] = {k: [] for k in arms}   # process time: what other processes cannot inflate
+        for _, _, w in arms.values():
             if w is not None:
-                w.detach()
-    plain = statistics.median(times["plain"])
-    print(f"(b) gradbook.watch overhead: 20 x Linear(256, 256)+ReLU, batch 128, median of {steps} interleaved steps")
+                w.attach()
+        try:
+            names = list(arms)
+            for i in range(warmup + steps):
+                order = names[i % len(names):] + names[:i % len(names)]   # rotate who goes first
+                for k in order:
+                    model, opt, w = arms[k]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    opt.zero_grad(set_to_none=True)
+                    loss = torch.nn.functional.mse_loss(model(x), y)
+                    loss.backward()
+                    if w is not None:
+                        w.log_loss(loss)
+                    opt.step()
+                    if i >= warmup:
+                        times[k].append(time.perf_counter() - t0)
+                        cpu[k].append(time.process_time() - c0)
+            recorded = {k: len(w.trace) for k, (_, _, w) in arms.items() if w is not None}
+        finally:
+            for _, _, w in arms.values():
+                if w is not None:
+                    w.detach()
+                    for sink in w.export:
+                        sink.close()
+    plain, plain_cpu = statistics.median(times["plain"]), statistics.median(cpu["plain"])
+    export = "TensorBoard export" if _has_tensorboard() else "no export (tensorboard not installed)"
+    print(f"(b) gradbook.watch overhead: 20 x Linear(256, 256)+ReLU, batch 128, median of {steps} interleaved "
+          f"steps; optimizer hooks, update ratios, spike detection, {export}")
     for k, t in times.items():
-        med = statistics.median(t)
+        med, med_cpu = statistics.median(t), statistics.median(cpu[k])
         extra = f"  ({recorded[k]} steps recorded)" if k in recorded else ""
-        print(f"    {k:32s} {1e3 * med:7.2f} ms   {med / plain:5.3f}x plain{extra}")
+        print(f"    {k:36s} {1e3 * med:7.2f} ms   {med / plain:5.3f}x plain   "
+              f"(CPU time {1e3 * med_cpu:6.2f} ms, {med_cpu / plain_cpu:5.3f}x){extra}")
+    for level in ["norms", "full"]:
+        print(f"    memory kept per recorded step, level={level!r}: {_memory_per_step(base, level):,.0f} bytes")
 
 
 def _diagnose_models():

@@ -119,7 +119,7 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
     """
     model = eager(model)
     check_batch(inputs, targets, default_loss=loss_fn is None)
-    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level) as w:
+    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level, all_ranks=True) as w:
         wgrad, _ = _forward_backward(model, inputs, targets, loss_fn)
     snap = w.trace[-1]
     snap.weight_grad_norm = wgrad.numpy()
@@ -169,7 +169,7 @@ def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
         inputs, got, handle = _time_hook(model, inputs, time_dim)
     seen = observe(model)
     try:
-        with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full") as w:
+        with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True) as w:
             wgrad, loss = _forward_backward(model, inputs, targets, loss_fn, autocast=autocast, seen=seen)
     finally:
         if handle is not None:
@@ -187,7 +187,7 @@ def activations(model: nn.Module, inputs) -> Snapshot:
     The model runs in its current mode (a batch-norm layer in training mode normalizes with this batch's
     statistics); its running statistics are left untouched.
     """
-    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full") as w:
+    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True) as w:
         call(eager(model), inputs)
     snap = w.trace[-1]
     snap.weight_grad_norm = snap.grad_norm = None
