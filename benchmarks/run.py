@@ -4,6 +4,7 @@
     python benchmarks/run.py --notebooks  # (a) each notebook's execution time
     python benchmarks/run.py --watch      # (b) overhead of gradbook.watch over a plain training step
     python benchmarks/run.py --diagnose   # (c) cost of one gradbook.diagnose call, in plain steps
+    python benchmarks/run.py --watch-ddp  # (b') (b) under DistributedDataParallel, 2 CPU processes
 
 (b) uses 20 Linear(256, 256) + ReLU layers, batch 128, one math thread, and times the arms interleaved
 step by step (plain, watch(level="norms"), watch(level="full"), watch(level="full", every=10); each watch
@@ -212,14 +213,72 @@ def diagnose_cost(repeats: int = 30) -> None:
               f"CPU time {dc / pc:5.2f}x")
 
 
+def watch_overhead_ddp(steps: int = 100, warmup: int = 10) -> None:
+    """(b') The same arms under DistributedDataParallel, 2 CPU processes (gloo): run by
+    ``python benchmarks/run.py --watch-ddp``, which starts itself under torchrun; rank 0 prints."""
+    import subprocess
+    import socket
+    import sys
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), __file__, "--watch-ddp", "--steps", str(steps)],
+                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    import gradbook as gb
+
+    dist.init_process_group("gloo")
+    gb.setup(0, style=False)
+    base = gb.mlp(depth=20, width=256, activation="relu", init="he")
+    x, y = torch.randn(64, 256), torch.randn(64, 256)   # each rank's half of a batch of 128
+    arms = {}
+    for name, kwargs in [("plain DDP", None), ("watch(level='norms')", dict(level="norms")),
+                         ("watch(level='norms', ratios=False)", dict(level="norms", ratios=False)),
+                         ("watch(level='full')", dict(level="full"))]:
+        model = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        w = gb.watch(model, optimizer=opt, **kwargs).attach() if kwargs is not None else None
+        arms[name] = (model, opt, w)
+    times = {k: [] for k in arms}
+    for i in range(warmup + steps):
+        for k, (model, opt, w) in arms.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if w is not None:
+                w.log_loss(loss)
+            opt.step()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    if dist.get_rank() == 0:
+        plain = statistics.median(times["plain DDP"])
+        print(f"(b') under DDP, 2 processes (gloo), median of {steps} interleaved steps, against plain DDP")
+        for k, t in times.items():
+            print(f"    {k:36s} {1e3 * statistics.median(t):7.2f} ms   {statistics.median(t) / plain:5.3f}x")
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--notebooks", action="store_true")
     parser.add_argument("--watch", action="store_true")
     parser.add_argument("--diagnose", action="store_true")
+    parser.add_argument("--watch-ddp", action="store_true", help="(b') the watch's overhead under DDP, 2 processes")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm in (b), at least 200 for the report")
     args = parser.parse_args()
-    both = not (args.notebooks or args.watch or args.diagnose)
+    both = not (args.notebooks or args.watch or args.diagnose or args.watch_ddp)
+    if args.watch_ddp:
+        watch_overhead_ddp(args.steps)
     if args.watch or both:
         watch_overhead(args.steps)
     if args.diagnose or both:
