@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import random
 
-from . import (activations, book, data, diagnosis, distributed, explorers, export, init, measure, nets, plot, probe,
-               progress, records, remedies, scratch, spikes, theory, toys, train, widgets)
+from . import (activations, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init, makeup,
+               measure, nets, plot, probe, profiles, progress, records, remedies, scratch, spikes, theory, toys, train,
+               widgets)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import gradients
@@ -25,9 +26,9 @@ from .watch import watch
 
 __version__ = "0.2.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
-           "History", "Snapshot", "Trace", "activations", "book", "data", "diagnosis", "distributed", "explorers", "export",
-           "init", "measure", "nets", "plot", "probe", "progress", "records", "remedies", "scratch", "spikes", "theory",
-           "toys", "train", "widgets",
+           "History", "Snapshot", "Trace", "activations", "batches", "book", "data", "diagnosis", "diagrams",
+           "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "probe", "profiles",
+           "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "widgets",
            "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
