@@ -53,7 +53,7 @@ Mixed precision. ``autocast=torch.bfloat16`` (or ``torch.float16``) runs the for
 ``torch.autocast``; the backward pass uses no loss scaling, so every gradient is unscaled by
 construction (a ``GradScaler`` of the training loop is not involved). Parameters stay in their own dtype,
 and so do their ``.grad``; with float16, gradients below about 6e-8 flush to zero inside the pass, and a
-layer that received none is left out as unreached. A ``torch.compile``d model is diagnosed through the
+layer that received none is left out as unreached. A model compiled with ``torch.compile`` is diagnosed through the
 module it compiled, in eager mode (:func:`gradbook.records.eager`): the same numbers, and no warnings.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     ----------
     model : nn.Module
         Any module: MLPs, convolutional nets, ``nn.RNN``/``nn.LSTM``/``nn.GRU``, transformers, token
-        models with embeddings, ``torch.compile``d models. Its parameters' ``.grad`` and its buffers
+        models with embeddings, models compiled with ``torch.compile``. Its parameters' ``.grad`` and its buffers
         (BatchNorm statistics) are left as they were.
     inputs, targets
         One batch. ``inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments

@@ -71,7 +71,7 @@ class TensorBoard:
     """An exporter writing each recorded step's scalars (and, with ``histograms=True``, a histogram of
     each layer's weight gradient) to a ``SummaryWriter``, or to a new one in ``log_dir`` given as a path.
     Writing to a writer that was closed raises ``RuntimeError`` (torch would silently open a new event
-    file); :meth:`close` flushes and closes a writer this exporter opened."""
+    file); ``close()`` flushes and closes a writer this exporter opened."""
 
     def __init__(self, writer, histograms: bool = False, prefix: str = PREFIX):
         SummaryWriter = _summary_writer()

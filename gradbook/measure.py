@@ -113,9 +113,9 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
               level: str = "full") -> Snapshot:
     """Measure one forward and backward pass of ``model`` on a batch.
 
-    The loss is ``loss_fn(output, targets)``, by default :func:`default_loss`, on exactly what
+    The loss is ``loss_fn(output, targets)``, by default :func:`gradbook.batches.default_loss`, on exactly what
     :func:`gradbook.batches.call` returned. The parameters' ``.grad`` and the model's buffers are left as
-    they were. A ``torch.compile``d model is measured through the module it compiled, in eager mode.
+    they were. A model compiled with ``torch.compile`` is measured through the module it compiled, in eager mode.
     """
     model = eager(model)
     check_batch(inputs, targets, default_loss=loss_fn is None)
@@ -159,7 +159,7 @@ def _time_hook(model, inputs, time_dim):
 
 def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *,
              time_dim: int | None = None, autocast: torch.dtype | None = None) -> Evidence:
-    """What :func:`gradbook.diagnose` decides on, from one checked forward and backward pass: the
+    """What :func:`gradbook.diagnosis.diagnose` decides on, from one checked forward and backward pass: the
     :class:`Snapshot` of :func:`gradients`, the :class:`gradbook.makeup.Makeup` observed in the same pass,
     the loss (returned, not back-propagated, if it is not finite) and, with ``time_dim``, ||dL/dx_t||."""
     check_batch(inputs, targets, default_loss=loss_fn is None)

@@ -81,7 +81,7 @@ class Step:
 
 class StepHooks:
     """The forward hooks of ``level="full"`` on ``layers`` ((name, module) pairs) and ``acts`` ((name, module,
-    Activation) triples), attached only while a recorded step runs (:meth:`add`, :meth:`remove`). Each adds
+    Activation) triples), attached only while a recorded step runs (``add()``, ``remove()``). Each adds
     to ``current()``, the step being recorded (None: nothing), while ``active()`` is true."""
 
     def __init__(self, layers: list, acts: list, current: Callable[[], "Step | None"], active: Callable[[], bool]):

@@ -24,7 +24,7 @@ __all__ = ["Remedy", "Facts", "Rule", "RULES", "prescribe", "facts", "SATURATED"
 SATURATED = 0.5
 #: Fraction of units dead on the whole batch above which a layer is "dying".
 DEAD = 0.5
-#: Largest attention logit |q.k|/sqrt(d_head) above which the softmax is nearly one-hot (Wortsman et al.
+#: Largest attention logit ``|q.k| / sqrt(d_head)`` above which the softmax is nearly one-hot (Wortsman et al.
 #: 2023 saw training diverge once logits passed a few tens; they are of order 1 at a default init).
 ATTENTION_LOGIT = 30.0
 
