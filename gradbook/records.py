@@ -98,7 +98,7 @@ def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def eager(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile``d model wraps (measured in eager mode: the same numbers, and no
+    """The module a model compiled with ``torch.compile`` wraps (measured in eager mode: the same numbers, and no
     graph breaks or recompilations caused by measuring hooks); any other module itself."""
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
