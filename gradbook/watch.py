@@ -26,7 +26,7 @@ from torch import nn
 from . import distributed as dist
 from ._checks import choice, positive_int
 from .probe import Step, StepHooks, StepRecord, WatchTrace, to_numpy
-from .records import ACTIVATION_FIELDS, activation_modules, layers, output_tensor, weight_tensors
+from .records import ACTIVATION_FIELDS, activation_modules, layers, output_tensors, weight_tensors
 from .spikes import THRESHOLD, WINDOW, Detector, Spike, SpikeWarning
 
 __all__ = ["watch", "LEVELS"]
@@ -207,15 +207,23 @@ class watch:
 
     def _on_root_output(self, module, args, out):
         step = self._current
-        y = output_tensor(out)
-        if step is None or y is None or not y.requires_grad or not self._params:
+        ys = [y for y in output_tensors(out) if y.requires_grad]   # a tensor, a tuple, a dict, ...
+        if step is None or not ys or not self._params:
             return None
         engine = torch.autograd.Variable._execution_engine
+        pending = [False]   # one read per backward pass, whichever outputs the loss used
+
+        def read():
+            pending[0] = False
+            self._read_and_close(step)
 
         def queue(grad):   # runs as the backward pass starts; the callbacks run when it ends, in order:
             # the second is queued after DDP's own end-of-backward averaging, so it reads averaged .grad
-            engine.queue_callback(lambda: engine.queue_callback(lambda: self._read_and_close(step)))
-        y.register_hook(queue)
+            if not pending[0]:
+                pending[0] = True
+                engine.queue_callback(lambda: engine.queue_callback(read))
+        for y in ys:
+            y.register_hook(queue)
         return None
 
     def _read_and_close(self, step: Step) -> None:

@@ -324,3 +324,36 @@ def test_lightning_callback_records_each_optimizer_step_and_logs(tmp_path):
     ours = [(s, m) for s, m in logger.metrics if "gradbook/total_grad_norm" in m]
     assert [s for s, _ in ours] == list(range(12))
     assert ours[5][1]["gradbook/total_grad_norm"] == pytest.approx(trace.total_grad_norm[5])
+
+
+class _DictOut(nn.Module):
+    """A model whose output is a dict led by an auxiliary value that carries no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return {"aux": x.detach().sum(), "logits": self.b(torch.tanh(self.a(x)))}
+
+
+class _TupleOut(_DictOut):
+    def forward(self, x):
+        out = super().forward(x)
+        return out["aux"], out["logits"]
+
+
+@pytest.mark.parametrize("model_cls", [_DictOut, _TupleOut])
+def test_watch_reads_the_gradient_whatever_output_carries_it(model_cls):
+    torch.manual_seed(0)
+    model, x, y = model_cls(), torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with gb.watch(model, every=1, level="norms") as w:
+        for _ in range(3):
+            model.zero_grad()
+            out = model(x)
+            logits = out["logits"] if isinstance(out, dict) else out[1]
+            nn.functional.cross_entropy(logits, y).backward()
+            expected = [model.a.weight.grad.norm().item(), model.b.weight.grad.norm().item()]
+    trace = w.trace
+    assert len(trace) == 3
+    np.testing.assert_allclose(trace.weight_grad_norm[-1], expected, rtol=1e-6)
