@@ -43,6 +43,19 @@ def notebooks() -> None:
         print(f"    {path.relative_to(ROOT)}: {elapsed:6.2f} s")
 
 
+def _step(model, opt, w, x, y) -> None:
+    """One training step as the monitor's users take it: the loss logged to the watch (if any) before the
+    optimizer steps."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    if w is not None:
+        w.log_loss(loss)
+    opt.step()
+
+
 def _watch_arms(base, tmp):
     """Each arm: a copy of the model, its optimizer, and its monitor (spikes and TensorBoard export on)."""
     import copy
@@ -87,11 +100,7 @@ def _memory_per_step(base, level: str, steps: int = 200) -> float:
     with gb.watch(model, optimizer=opt, level=level) as w:
         def run(n):
             for _ in range(n):
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                w.log_loss(loss)
-                opt.step()
+                _step(model, opt, w, x, y)
             w.trace   # convert what is pending
         run(10)
         tracemalloc.start()
@@ -128,12 +137,7 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
                 for k in order:
                     model, opt, w = arms[k]
                     t0, c0 = time.perf_counter(), time.process_time()
-                    opt.zero_grad(set_to_none=True)
-                    loss = torch.nn.functional.mse_loss(model(x), y)
-                    loss.backward()
-                    if w is not None:
-                        w.log_loss(loss)
-                    opt.step()
+                    _step(model, opt, w, x, y)
                     if i >= warmup:
                         times[k].append(time.perf_counter() - t0)
                         cpu[k].append(time.process_time() - c0)
@@ -252,12 +256,7 @@ def watch_overhead_ddp(steps: int = 100, warmup: int = 10) -> None:
         for k, (model, opt, w) in arms.items():
             dist.barrier()
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            if w is not None:
-                w.log_loss(loss)
-            opt.step()
+            _step(model, opt, w, x, y)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     if dist.get_rank() == 0:

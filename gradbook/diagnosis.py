@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from .batches import check_lr, first_nonfinite
-from .profiles import crossing, log_change, log_points, theil_sen
+from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
 from .measure import evidence, kept_buffers
 from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, norms, recurrent_modules, weight_tensors

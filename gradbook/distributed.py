@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .records import norms
+from .records import eager, norms
 
 __all__ = ["unwrap", "rank", "world_size", "is_main", "is_sharded", "local", "squared_norms"]
 
@@ -27,7 +27,8 @@ WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 def _inner(model: nn.Module) -> nn.Module | None:
     if isinstance(model, WRAPPERS):
         return model.module
-    return getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+    compiled = eager(model)   # what a torch.compile wrapper runs
+    return None if compiled is model else compiled
 
 
 def unwrap(model: nn.Module) -> nn.Module:
