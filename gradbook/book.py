@@ -7,11 +7,13 @@ the two equal and checks that every page in :data:`PAGES` is in the book's table
 """
 from __future__ import annotations
 
+import json
 import numbers
+from importlib import resources
 
 from ._checks import choice
 
-__all__ = ["glue", "SITE", "PAGES", "page_url", "GLUE_PREFIX"]
+__all__ = ["glue", "SITE", "PAGES", "page_url", "GLUE_PREFIX", "results", "result_names"]
 
 #: The book's website (``html.baseurl`` of ``_config.yml``).
 SITE = "https://gradbook.github.io/gradbook/"
@@ -38,6 +40,28 @@ PAGES = {
 def page_url(topic: str) -> str:
     """The full address of the book's page on ``topic`` (a key of :data:`PAGES`)."""
     return f"{SITE}{PAGES[choice('topic', topic, PAGES)]}.html"
+
+
+def result_names() -> list[str]:
+    """The names of the replications whose results ship with the package (``gradbook/results/*.json``)."""
+    folder = resources.files(__package__) / "results"
+    if not folder.is_dir():
+        return []
+    return sorted(f.name.removesuffix(".json") for f in folder.iterdir() if f.name.endswith(".json"))
+
+
+def results(name: str) -> dict:
+    """The stored results of the replication ``name``, as the dictionary its script wrote.
+
+    A replication too long to run inside a chapter is a script, ``replications/<name>.py`` in the
+    repository; it writes ``gradbook/results/<name>.json``, which ships inside the package so that a chapter
+    reads it wherever gradbook is installed (Colab included). A marked test re-runs part of each script and
+    checks the file (``tests/test_replications.py``). The dictionary holds the script's ``config``, its
+    ``results`` (one entry per grid cell) and how the check compares them (``check``).
+    """
+    choice("replication", name, result_names())
+    text = (resources.files(__package__) / "results" / f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
 
 # myst-nb reads glued values from display outputs whose MIME types carry this prefix, with the name in
 # the output's "scrapbook" metadata (myst_nb.ext.glue). Writing the output directly spares every notebook
