@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from ._checks import choice, non_negative, positive_int
+from .batches import default_loss
 from .data import Task
 from .measure import snapshot_weights, update_ratios
 from .records import Trace, layers, output_tensor
 from .watch import watch
 from .progress import Progress
 
-__all__ = ["fit", "evaluate", "make_optimizer", "History", "Divergence", "OPTIMIZERS"]
+__all__ = ["fit", "evaluate", "make_optimizer", "lr_factor", "History", "Divergence", "OPTIMIZERS"]
 
 #: The optimizers :func:`fit` accepts by name.
 OPTIMIZERS = ["sgd", "adam", "adamw"]
@@ -69,6 +70,8 @@ class History:
     callback_steps, callback_values : array, list
         When ``fit`` was given a ``callback``: the number of updates made before each call, and what
         each call returned.
+    lr : array (steps run,)
+        The learning rate of each step's update (after warm-up and schedule).
     """
 
     loss: np.ndarray
@@ -79,6 +82,7 @@ class History:
     clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     callback_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     callback_values: list = field(default_factory=list)
+    lr: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def steps_run(self) -> int:
@@ -132,12 +136,49 @@ def _largest_grad(model: nn.Module) -> str:
     return max(named, key=lambda t: t[1])[0] if named else "?"
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The torch optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params``."""
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, *,
+                   betas: tuple[float, float] | None = None, eps: float | None = None) -> torch.optim.Optimizer:
+    """The torch optimizer called ``name`` (one of :data:`OPTIMIZERS`) over ``params``.
+
+    ``betas`` and ``eps`` are Adam's (Kingma & Ba 2015): the decay rates of the first- and second-moment
+    estimates and the constant added to the root of the second moment; None keeps torch's defaults
+    ((0.9, 0.999) and 1e-8). SGD has neither."""
     choice("optimizer", name, OPTIMIZERS)
     if name == "sgd":
+        if betas is not None or eps is not None:
+            raise ValueError(f"betas and eps are Adam's: optimizer 'sgd' takes neither, got betas={betas!r}, eps={eps!r}")
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](params, lr=lr, weight_decay=weight_decay)
+    extra = {}
+    if betas is not None:
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+        if not ok:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        extra["betas"] = tuple(float(b) for b in betas)
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        extra["eps"] = float(eps)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](params, lr=lr, weight_decay=weight_decay,
+                                                                       **extra)
+
+
+def lr_factor(warmup: int = 0, schedule: Callable[[int], float] | None = None) -> Callable[[int], float]:
+    """The learning-rate multiplier of each step: a linear warm-up times ``schedule(step)``.
+
+    With ``warmup`` = w > 0 step s (from 0) runs at (s + 1)/w of the learning rate until s = w - 1, then
+    at the full rate (the warm-up of Goyal et al. 2017, used by every transformer since Vaswani et al.
+    2017); ``schedule(step)`` (default 1) multiplies it. :func:`fit` hands it to
+    ``torch.optim.lr_scheduler.LambdaLR``."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a whole number of steps >= 0, got {warmup!r}")
+    if schedule is not None and not callable(schedule):
+        raise TypeError(f"schedule must be a function of the step, got {type(schedule).__name__}")
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return ramp * (1.0 if schedule is None else float(schedule(step)))
+    return factor
 
 
 def _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every) -> None:
@@ -158,14 +199,17 @@ class _Run:
     """One training run of :func:`fit`: its state, one step at a time, and the :class:`History` it leaves."""
 
     def __init__(self, model, task, opt, loss_fn, batch_size, generator, clip_norm, clip_value, every, level,
-                 callback, callback_every):
+                 callback, callback_every, factor=None, monitor=None):
         self.model, self.task, self.opt, self.loss_fn = model, task, opt, loss_fn
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if factor is not None else None
+        self.monitored, self.lrs = monitor is not None, []
         self.batch_size, self.generator = batch_size, generator
         self.clip_norm, self.clip_value, self.every = clip_norm, clip_value, every
         self.callback, self.callback_every = callback, callback_every
         self.params = [p for g in opt.param_groups for p in g["params"]]
         self.layer_modules = [m for _, m in layers(model)]
-        self.probe = watch(model, every=every, level=level) if every else None
+        self.probe = None if not every else watch(model, every=every, level=level, **(
+            {} if monitor is None else {"optimizer": opt, **monitor}))
         self.losses, self.norms, self.clipped, self.ratios = [], [], [], []
         self.cb_steps, self.cb_values = [], []
         self.diverged: Divergence | None = None
@@ -179,6 +223,7 @@ class _Run:
     def step(self, step: int) -> bool:
         """One update; False (with :attr:`diverged` set) if something went non-finite."""
         x, y = self.task.batch(self.batch_size, self.generator)
+        self.lrs.append(self.opt.param_groups[0]["lr"])
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(x), y)
         self.losses.append(loss.item())
@@ -198,9 +243,13 @@ class _Run:
             self.clipped.append(False)
             return False
         self.clipped.append(self.clip(norm))
-        record = bool(self.every) and step % self.every == 0
+        if self.monitored:   # the monitor reads the gradient and the update at the optimizer's step
+            self.probe.log_loss(loss)
+        record = bool(self.every) and step % self.every == 0 and not self.monitored
         before = snapshot_weights(self.layer_modules) if record else None
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         if record:
             self.ratios.append(update_ratios(before, self.layer_modules))
         return True
@@ -227,9 +276,10 @@ class _Run:
         if trace is not None and d is not None and len(self.losses) == d.step + 1 \
                 and not math.isfinite(self.losses[-1] if d.phase != "gradient" else self.norms[-1]):
             trace = trace.select(trace.steps < d.step)   # the failed step's records are partial
-        return History(np.array(self.losses), np.array(self.norms), trace,
-                       np.array(self.ratios) if self.every else None, d, np.array(self.clipped, dtype=bool),
-                       np.array(self.cb_steps, dtype=int), self.cb_values)
+        ratios = (trace.update_ratio if self.monitored else np.array(self.ratios)) if self.every else None
+        return History(np.array(self.losses), np.array(self.norms), trace, ratios, d,
+                       np.array(self.clipped, dtype=bool), np.array(self.cb_steps, dtype=int), self.cb_values,
+                       np.array(self.lrs, dtype=float))
 
 
 def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer: str = "sgd",
@@ -237,14 +287,21 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         clip_norm: float | None = None, clip_value: float | None = None, every: int = 0,
         level: str = "full", loss_fn=None, generator: torch.Generator | None = None,
         callback: Callable[[int, nn.Module], object] | None = None, callback_every: int = 1,
-        progress: bool | None = None) -> History:
+        progress: bool | None = None, warmup: int = 0, schedule: Callable[[int], float] | None = None,
+        betas: tuple[float, float] | None = None, eps: float | None = None,
+        monitor: dict | None = None) -> History:
     """Train ``model`` on random batches of ``task`` for ``steps`` steps.
 
     Parameters
     ----------
-    lr, optimizer, momentum, weight_decay
+    lr, optimizer, momentum, weight_decay, betas, eps
         ``optimizer`` is one of ``"sgd"``, ``"adam"``, ``"adamw"``; ``momentum`` applies to SGD;
-        ``weight_decay`` is the L2 coefficient handed to the optimizer.
+        ``weight_decay`` is the L2 coefficient handed to the optimizer (decoupled for AdamW); ``betas`` and
+        ``eps`` are Adam's (:func:`make_optimizer`).
+    warmup, schedule
+        Step s runs at ``lr`` times :func:`lr_factor` (``warmup``, ``schedule``)(s): a linear warm-up over
+        the first ``warmup`` steps, times ``schedule(s)`` if given (``torch.optim.lr_scheduler.LambdaLR``).
+        The rate of each step is in ``History.lr``.
     clip_norm, clip_value : float, optional
         Clip the gradient by its total norm (``torch.nn.utils.clip_grad_norm_``; Pascanu et al. 2013)
         or each entry by value (``clip_grad_value_``). The norm before clipping is in
@@ -252,8 +309,15 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
     every : int
         Record per-layer measurements (:class:`gradbook.watch.watch`, at ``level``) and update ratios every
         ``every`` steps; 0 records none.
+    monitor : dict, optional
+        Record through the monitor as an optimizer step (:class:`gradbook.watch.watch` given the optimizer
+        and these keyword arguments, e.g. ``{"spikes": True, "window": 32}``): ``History.trace`` then also
+        holds the loss, the update ratios of the optimizer's actual step and the spikes found, and its
+        gradients are those the optimizer used (after clipping). Needs ``every`` >= 1.
     loss_fn : callable, optional
-        ``loss_fn(output, target)``; default cross-entropy for classification, MSE for regression.
+        ``loss_fn(output, target)``; default cross-entropy for classification (the class scores on axis 1,
+        or on the last axis for a sequence model's ``(batch, time, vocabulary)`` logits:
+        :func:`gradbook.batches.default_loss`), MSE for regression.
     generator : torch.Generator, optional
         Draws the batches; default the global torch generator (seeded by :func:`gradbook.setup`).
     callback : callable, optional
@@ -268,11 +332,16 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
     _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every)
     param = next(model.parameters())
     task = task.to(param.device, param.dtype)
+    factor = lr_factor(warmup, schedule) if warmup or schedule is not None else None
+    if monitor is not None and not (isinstance(monitor, dict) and every):
+        raise ValueError(f"monitor must be a dict of gradbook.watch keyword arguments, with every >= 1; got "
+                         f"monitor={monitor!r}, every={every!r}")
     if loss_fn is None:
-        loss_fn = nn.functional.cross_entropy if task.kind == "classification" else nn.functional.mse_loss
-    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay)
+        loss_fn = default_loss if task.kind == "classification" else nn.functional.mse_loss
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay,
+                         betas=betas, eps=eps)
     run = _Run(model, task, opt, loss_fn, batch_size, generator, clip_norm, clip_value, every, level,
-               callback, callback_every)
+               callback, callback_every, factor, monitor)
     model.train()
     with Progress(steps, "gradbook.fit", show=progress) as bar:
         try:
@@ -307,6 +376,5 @@ def evaluate(model: nn.Module, task: Task, split: str = "test") -> dict:
     finally:
         model.train(was_training)
     if task.kind == "classification":
-        return {"loss": nn.functional.cross_entropy(out, y).item(),
-                "accuracy": (out.argmax(1) == y).float().mean().item()}
+        return {"loss": default_loss(out, y).item(), "accuracy": (out.argmax(-1) == y).float().mean().item()}
     return {"loss": nn.functional.mse_loss(out, y).item()}

@@ -409,3 +409,132 @@ def test_fit_trains_an_rnn_on_sequences_with_clipping():
     assert hist.clipped.tolist() == (hist.grad_norm > 0.5).tolist()
     assert hist.trace.layers == ["input", "recurrent", "readout"]
     assert np.all(np.isfinite(hist.trace.grad_norm))     # the recurrent Linear's 8 calls are pooled
+
+
+# ---------------------------------------------------------------------------------------------
+# warm-up, schedules, Adam's betas and eps, sequence models, the monitor
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("warmup", [1, 4, 10])
+def test_warmup_ramps_the_learning_rate_linearly(digits, warmup):
+    net = small_mlp(digits)
+    h = gb.fit(net, digits, 12, lr=0.1, warmup=warmup, generator=gen(0), progress=False)
+    expected = [0.1 * min(1.0, (s + 1) / warmup) for s in range(12)]
+    np.testing.assert_allclose(h.lr, expected, rtol=1e-12)
+
+
+def test_warmup_steps_are_the_updates_made(digits):
+    """Step s of the run moves the weights by exactly lr(s) * gradient under plain SGD."""
+    net = small_mlp(digits, dtype=DT)
+    ref = copy.deepcopy(net)
+    h = gb.fit(net, digits.to(dtype=DT), 3, lr=0.3, warmup=3, generator=gen(1), progress=False)
+    g = gen(1)
+    for s in range(3):
+        x, y = digits.to(dtype=DT).batch(64, g)
+        ref.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.3 * (s + 1) / 3 * p.grad
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    np.testing.assert_allclose(h.lr, [0.1, 0.2, 0.3])
+
+
+def test_schedule_multiplies_the_warmup(digits):
+    net = small_mlp(digits)
+    h = gb.fit(net, digits, 6, lr=0.01, optimizer="adam", warmup=2, schedule=lambda s: 10.0 if s >= 4 else 1.0,
+               generator=gen(0), progress=False)
+    np.testing.assert_allclose(h.lr, [0.005, 0.01, 0.01, 0.01, 0.1, 0.1])
+
+
+def test_no_warmup_keeps_the_learning_rate(digits):
+    h = gb.fit(small_mlp(digits), digits, 5, lr=0.05, generator=gen(0), progress=False)
+    np.testing.assert_allclose(h.lr, 0.05)
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    ({"warmup": -1}, "-1"), ({"warmup": 2.5}, "2.5"), ({"warmup": True}, "True"),
+    ({"optimizer": "adam", "betas": (0.9, 1.0)}, r"\(0.9, 1.0\)"), ({"optimizer": "adam", "betas": 0.9}, "0.9"),
+    ({"optimizer": "adam", "eps": 0.0}, "0.0"), ({"optimizer": "adamw", "eps": -1e-8}, "-1e-08"),
+    ({"optimizer": "sgd", "eps": 1e-8}, "sgd"), ({"monitor": {"spikes": True}}, "every"),
+])
+def test_new_fit_arguments_bad_input_raise(digits, kwargs, bad):
+    net = small_mlp(digits)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=bad):
+        gb.fit(net, digits, 2, progress=False, **kwargs)
+    for p, b in zip(net.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_schedule_must_be_callable(digits):
+    with pytest.raises(TypeError, match="schedule"):
+        gb.fit(small_mlp(digits), digits, 2, schedule=3.0, progress=False)
+
+
+def test_adam_betas_and_eps_reach_the_optimizer():
+    params = [nn.Parameter(torch.zeros(3))]
+    opt = gb.train.make_optimizer("adamw", params, 1e-3, betas=(0.9, 0.95), eps=1e-6)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-6
+    opt = gb.train.make_optimizer("adam", params, 1e-3)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["eps"] == 1e-8
+
+
+def test_adam_eps_sets_the_size_of_the_first_update(digits):
+    """Adam's first update is lr * g / (|g| + eps): about lr per entry for a tiny eps, far less for a large one."""
+    sizes = {}
+    for eps in (1e-8, 10.0):
+        net = small_mlp(digits)
+        w0 = net.readout.weight.detach().clone()
+        gb.fit(net, digits, 1, lr=1e-3, optimizer="adam", eps=eps, generator=gen(0), progress=False)
+        sizes[eps] = (net.readout.weight.detach() - w0).abs().max().item()
+    assert sizes[1e-8] == pytest.approx(1e-3, rel=1e-3)
+    assert sizes[10.0] < 0.2 * sizes[1e-8]
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.emb(tokens)))
+
+
+def next_token_task(vocab=11, length=6, n=128):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(vocab, (n, length), generator=g)
+    y = (x + 1) % vocab
+    return gb.data.Task("next", x[:96], y[:96], x[96:], y[96:], "classification")
+
+
+def test_fit_trains_a_sequence_model_with_token_targets():
+    """(batch, time, vocabulary) logits against (batch, time) tokens: the default loss and evaluate fit them."""
+    torch.manual_seed(0)
+    task, net = next_token_task(), TinyLM()
+    h = gb.fit(net, task, 150, lr=0.05, optimizer="adamw", betas=(0.9, 0.95), warmup=10, batch_size=16,
+               generator=gen(0), progress=False)
+    assert h.diverged is None and h.loss[0] > 2.0 and h.loss[-10:].mean() < 0.3
+    ev = gb.evaluate(net, task)
+    assert ev["accuracy"] > 0.95 and ev["loss"] < 0.3
+    lm = lambda logits, t: F.cross_entropy(logits.flatten(0, 1), t.flatten())   # noqa: E731
+    torch.manual_seed(0)
+    h2 = gb.fit(TinyLM(), task, 150, lr=0.05, optimizer="adamw", betas=(0.9, 0.95), warmup=10, batch_size=16,
+                loss_fn=lm, generator=gen(0), progress=False)
+    np.testing.assert_allclose(h2.loss, h.loss, rtol=1e-5)
+
+
+def test_monitor_records_loss_ratios_and_spikes(digits):
+    net = small_mlp(digits)
+    jump = lambda s: 300.0 if s >= 40 else 1.0   # noqa: E731
+    h = gb.fit(net, digits, 50, lr=1e-3, optimizer="adam", schedule=jump, every=1,
+               monitor={"spikes": True, "window": 20, "threshold": 6.0}, generator=gen(0), progress=False)
+    t = h.trace
+    np.testing.assert_array_equal(t.steps, np.arange(50))
+    np.testing.assert_allclose(t.loss, h.loss, rtol=1e-6)
+    assert h.update_ratio is t.update_ratio and h.update_ratio.shape == (50, len(t.layers))
+    assert np.isfinite(h.update_ratio).all()
+    # the 300x learning rate multiplies Adam's update, and the update:weight ratio with it
+    assert (h.update_ratio[40] > 50 * h.update_ratio[39]).all()
+    assert any(s.step >= 40 for s in t.spikes)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
