@@ -15,21 +15,22 @@ import random
 
 from . import (activations, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init, makeup,
                measure, nets, plot, probe, profiles, progress, records, remedies, scratch, spikes, theory, toys, train,
-               widgets)
+               transformers, widgets)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import gradients
 from .nets import lstm, mlp, rnn
 from .records import Snapshot, Trace
 from .train import History, evaluate, fit
+from .transformers import transformer
 from .watch import watch
 
 __version__ = "0.2.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "batches", "book", "data", "diagnosis", "diagrams",
            "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "probe", "profiles",
-           "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "widgets",
-           "DEFAULT_SEED"]
+           "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "transformers",
+           "transformer", "widgets", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
 

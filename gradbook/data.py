@@ -4,6 +4,8 @@
   scikit-learn itself.
 * :func:`teacher`: a regression task whose targets come from a random "teacher" network.
 * :func:`adding_problem`: the long-memory sequence task of Hochreiter & Schmidhuber (1997).
+* :func:`sequences`: next-token prediction on token sequences (a repeated pattern, copying, sorting,
+  characters of text that ships with Python) for the transformers of Part IV.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from . import activations as _acts
 from ._checks import choice, positive_int
 
-__all__ = ["Task", "digits", "teacher", "adding_problem"]
+__all__ = ["Task", "digits", "teacher", "adding_problem", "sequences", "SEQUENCES"]
 
 
 @dataclass
@@ -27,7 +29,9 @@ class Task:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    kind: str  # "classification" (integer labels, cross-entropy) or "regression" (float targets, MSE)
+    kind: str  # "classification" (integer labels, cross-entropy), "regression" (float targets, MSE) or
+    #            "language" (tokens (n, T) -> next tokens (n, T), :func:`gradbook.transformers.lm_loss`)
+    vocab: int = 0  # tokens of a "language" task
 
     @property
     def in_dim(self) -> int:
@@ -36,6 +40,8 @@ class Task:
 
     @property
     def out_dim(self) -> int:
+        if self.kind == "language":
+            return self.vocab
         if self.kind == "classification":
             return int(max(self.y_train.max(), self.y_test.max())) + 1
         return self.y_train.shape[1]
@@ -53,7 +59,7 @@ class Task:
                 t = t.to(dtype)
             return t
         return Task(self.name, move(self.x_train, True), move(self.y_train, False),
-                    move(self.x_test, True), move(self.y_test, False), self.kind)
+                    move(self.x_test, True), move(self.y_test, False), self.kind, self.vocab)
 
 
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,3 +139,72 @@ def adding_problem(length: int = 20, n_train: int = 4096, n_test: int = 512, see
     x = torch.stack([values, marks], dim=-1)
     y = (values * marks).sum(1, keepdim=True)
     return Task(f"adding-{length}", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "regression")
+
+
+#: The kinds of :func:`sequences`.
+SEQUENCES = ["repeat", "copy", "sort", "chars"]
+
+
+def _text() -> str:
+    """The Zen of Python (the ``this`` module, ROT13-decoded without printing) and the docstrings of a few
+    standard-library modules: about 9,000 characters that ship with every Python."""
+    import argparse
+    import codecs
+    import contextlib
+    import difflib
+    import heapq
+    import inspect
+    import io
+    import json
+    import textwrap
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    docs = [inspect.cleandoc(m.__doc__ or "") for m in (json, textwrap, heapq, difflib, argparse)]
+    return "\n\n".join([codecs.decode(this.s, "rot13")] + docs)
+
+
+def _symbols(kind: str, n: int, length: int, vocab: int, period: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """``n`` sequences of ``length + 1`` tokens for one kind, and the vocabulary size."""
+    if kind == "repeat":
+        pattern = torch.randint(vocab, (n, period), generator=g)
+        return pattern.repeat(1, length // period + 2)[:, :length + 1], vocab
+    if kind in ("copy", "sort"):
+        half = length // 2                          # half symbols, a separator (token 0), then the answer
+        if half < 1 or vocab < 2:
+            raise ValueError(f"{kind!r} needs length >= 2 and vocab >= 2, got {length!r} and {vocab!r}")
+        source = torch.randint(1, vocab, (n, half), generator=g)
+        answer = source if kind == "copy" else source.sort(dim=1).values
+        seq = torch.cat([source, torch.zeros(n, 1, dtype=torch.long), answer], dim=1)
+        pad = torch.zeros(n, max(0, length + 1 - seq.shape[1]), dtype=torch.long)
+        return torch.cat([seq, pad], dim=1)[:, :length + 1], vocab
+    text = _text()
+    alphabet = sorted(set(text))
+    ids = torch.tensor([alphabet.index(c) for c in text])
+    starts = torch.randint(len(ids) - length - 1, (n,), generator=g)
+    return ids[starts[:, None] + torch.arange(length + 1)], len(alphabet)
+
+
+def sequences(kind: str = "repeat", length: int = 32, vocab: int = 64, period: int = 8, n_train: int = 4096,
+              n_test: int = 512, seed: int = 0) -> Task:
+    """Next-token prediction: tokens (n, ``length``) and targets, the same sequences one step later.
+
+    * ``"repeat"``: a random pattern of ``period`` tokens (from ``vocab``) repeated; every target after
+      the first period is predictable by looking back ``period`` positions, the first ``period - 1``
+      are not, so the best mean loss is about (period - 1) / length * ln(vocab).
+    * ``"copy"`` / ``"sort"``: ``length // 2`` random tokens from 1..vocab-1, a separator 0, then the
+      same tokens copied or sorted.
+    * ``"chars"``: windows of the Zen of Python and a few standard-library docstrings, one token per
+      character (``vocab`` is the number of distinct characters; the argument is ignored).
+
+    Returns a :class:`Task` of kind ``"language"`` with its ``vocab``; train on it with
+    :func:`gradbook.transformers.lm_loss`.
+    """
+    choice("kind", kind, SEQUENCES)
+    for name, v in [("length", length), ("vocab", vocab), ("period", period), ("n_train", n_train),
+                    ("n_test", n_test)]:
+        positive_int(name, v)
+    g = torch.Generator().manual_seed(seed)
+    seq, size = _symbols(kind, n_train + n_test, length, vocab, period, g)
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    return Task(f"{kind}-{length}", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "language", size)

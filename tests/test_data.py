@@ -59,3 +59,36 @@ def test_adding_problem_marks_one_value_in_each_half():
     assert abs(baseline - 1 / 6) < 0.03
     with pytest.raises(ValueError, match="length"):
         gb.data.adding_problem(length=1)
+
+
+@pytest.mark.parametrize("kind", gb.data.SEQUENCES)
+def test_sequence_tasks_are_next_token_prediction(kind):
+    task = gb.data.sequences(kind, length=24, vocab=20, period=6, n_train=64, n_test=16, seed=1)
+    assert task.kind == "language" and task.x_train.shape == (64, 24) and task.x_test.shape == (16, 24)
+    assert task.x_train.dtype == torch.long and task.y_train.dtype == torch.long
+    torch.testing.assert_close(task.x_train[:, 1:], task.y_train[:, :-1])      # targets: one step later
+    assert 0 <= task.x_train.min() and task.x_train.max() < task.vocab and task.out_dim == task.vocab
+    torch.testing.assert_close(task.x_train, gb.data.sequences(kind, length=24, vocab=20, period=6, n_train=64,
+                                                               n_test=16, seed=1).x_train)
+    x, y = task.batch(8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 24)
+
+
+def test_repeat_copy_sort_follow_their_rule():
+    rep = gb.data.sequences("repeat", length=24, vocab=20, period=6, n_train=8, n_test=1)
+    torch.testing.assert_close(rep.x_train[:, 6:], rep.x_train[:, :-6])
+    copy = gb.data.sequences("copy", length=21, vocab=20, n_train=8, n_test=1)
+    src = copy.x_train[:, :10]
+    assert (copy.x_train[:, 10] == 0).all() and (src > 0).all()
+    torch.testing.assert_close(copy.y_train[:, 10:20], src)
+    srt = gb.data.sequences("sort", length=21, vocab=20, n_train=8, n_test=1)
+    torch.testing.assert_close(srt.y_train[:, 10:20], srt.x_train[:, :10].sort(1).values)
+    chars = gb.data.sequences("chars", length=32, n_train=8, n_test=1)
+    assert chars.vocab > 40
+
+
+def test_sequences_reject_unknown_kinds():
+    with pytest.raises(ValueError, match=r"kind 'zip'.*'repeat'"):
+        gb.data.sequences("zip")
+    with pytest.raises(ValueError, match="length"):
+        gb.data.sequences("repeat", length=0)
