@@ -14,7 +14,7 @@ import os
 import random
 
 from . import (activations, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init, makeup,
-               measure, nets, plot, probe, profiles, progress, records, remedies, scratch, spikes, theory, toys, train,
+               measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes, theory, toys, train,
                transformers, widgets)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
@@ -28,7 +28,7 @@ from .watch import watch
 __version__ = "0.2.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "batches", "book", "data", "diagnosis", "diagrams",
-           "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "probe", "profiles",
+           "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision", "probe", "profiles",
            "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "transformers",
            "transformer", "widgets", "DEFAULT_SEED"]
 
