@@ -14,8 +14,8 @@ import os
 import random
 
 from . import (activations, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init, makeup,
-               measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes, theory, toys, train,
-               transformers, widgets)
+               measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes, theory,
+               toys, train, transformers, widgets, width)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import gradients
@@ -28,9 +28,9 @@ from .watch import watch
 __version__ = "0.2.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "batches", "book", "data", "diagnosis", "diagrams",
-           "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision", "probe", "profiles",
-           "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "transformers",
-           "transformer", "widgets", "DEFAULT_SEED"]
+           "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision", "probe",
+           "profiles", "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "transformers",
+           "transformer", "widgets", "width", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
 

@@ -36,7 +36,7 @@ from ._checks import choice, non_negative, positive_int
 
 __all__ = ["expect", "length_map", "chi", "q_path", "gradient_factors", "gradient_profile", "fixed_point",
            "critical_sigma_w", "critical_line", "depth_scale", "trainable_depth", "init_sigma_w", "rnn_bounds",
-           "jacobian_spectrum", "residual_profile", "TRAINABLE_DEPTH_SCALES"]
+           "jacobian_spectrum", "residual_profile", "TRAINABLE_DEPTH_SCALES", "width_exponents"]
 
 # E[f(z)], z ~ N(0, 1), by Gauss-Legendre quadrature on [-12, 0] and [0, 12] separately: exact to ~1e-12
 # for functions that are smooth on each side of 0, such as ELU's derivative, which has a kink there and
@@ -358,3 +358,19 @@ def jacobian_spectrum(activation: str, depth: int, sigma_w: float, sigma_b: floa
     else:
         largest = math.nan
     return {"mean": mean, "variance": variance, "largest": largest}
+
+
+def width_exponents(parametrization: str, optimizer: str) -> dict:
+    """The exponent a in |h_1 - h_0| ~ n^a: how the change in one step of an MLP's input-layer, hidden-layer
+    and output (logit) coordinates grows with the width n at a fixed learning rate, by Yang & Hu's (2021)
+    Tensor Programs IV argument (a sum of n terms correlated with each other is ~n, independent ones
+    ~sqrt(n)). Standard parametrization (variance 1/fan_in, one learning rate): gradients at the hidden
+    layers are ~n^-1/2 per entry, which SGD passes on and Adam normalizes to ~1. muP (Yang et al. 2022,
+    Table 3; :mod:`gradbook.width`) sets every exponent to 0. The output's 1.5 under Adam needs a hidden
+    layer before it (W_out's entries ~n^-1/2 summed over n changes ~n correlated with them)."""
+    choice("parametrization", parametrization, ["sp", "mup"])
+    choice("optimizer", optimizer, ["sgd", "adam"])
+    if parametrization == "mup":
+        return {"input": 0.0, "hidden": 0.0, "output": 0.0}
+    return {"sgd": {"input": -0.5, "hidden": 0.5, "output": 1.0},
+            "adam": {"input": 0.0, "hidden": 1.0, "output": 1.5}}[optimizer]
