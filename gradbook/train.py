@@ -15,29 +15,31 @@ import torch
 from torch import nn
 
 from ._checks import choice, non_negative, positive_int
-from .batches import default_loss
+from .batches import default_loss, first_nonfinite
 from .data import Task
 from .measure import snapshot_weights, update_ratios
-from .records import Trace, layers, output_tensor
+from .records import Trace, layers
+from .transformers import lm_loss
 from .watch import watch
 from .progress import Progress
 
-__all__ = ["fit", "evaluate", "make_optimizer", "lr_factor", "History", "Divergence", "OPTIMIZERS"]
+__all__ = ["fit", "evaluate", "make_optimizer", "lr_sweep", "Sweep", "History", "Divergence",
+           "OPTIMIZERS"]
 
 #: The optimizers :func:`fit` accepts by name.
 OPTIMIZERS = ["sgd", "adam", "adamw"]
+_LOSSES = {"regression": nn.functional.mse_loss, "language": lm_loss}   # by Task.kind; else default_loss
 
 
 @dataclass
 class Divergence:
     """Where a run stopped: the step, what went non-finite, and the first layer it showed up in.
 
-    ``phase`` is ``"loss"`` (the forward pass produced a non-finite loss; ``layer`` is the first
-    module, in forward order, whose output was non-finite, or the last module if only the loss itself
-    overflowed), ``"gradient"`` (``layer`` is the one
-    nearest the output whose weight gradient was non-finite, where the backward pass first met it) or
-    ``"weights"`` (the previous update made a weight non-finite; found when that weight makes the next
-    loss non-finite, or at the end of the run). Checking weights only then keeps ``fit`` cheap.
+    ``phase`` is ``"loss"`` (the forward pass produced a non-finite loss; ``layer`` is the first module, in
+    forward order, whose output was non-finite, or the last module if only the loss itself overflowed),
+    ``"gradient"`` (``layer`` is the one nearest the output whose weight gradient was non-finite, where the
+    backward pass first met it) or ``"weights"`` (the previous update made a weight non-finite; found when
+    that weight makes the next loss non-finite, or at the end of the run: this keeps ``fit`` cheap).
     """
 
     step: int
@@ -94,31 +96,13 @@ def _kind(t: torch.Tensor) -> str:
 
 
 def _forward_culprit(model: nn.Module, x: torch.Tensor, loss: float) -> tuple[str, str]:
-    """Re-run the forward pass and name the first module whose output is non-finite.
-
-    If every output is finite, the loss itself overflowed (say, the square of a huge output): the
-    module named is then the last one the forward pass ran, whose output fed the loss.
-    """
-    found: list[tuple[str, str]] = []
-    ran: list[str] = []
-    handles = []
-    for name, m in model.named_modules():
-        if name and not list(m.children()):
-            def hook(mod, args, out, name=name):
-                ran.append(name)
-                y = output_tensor(out)
-                if not found and y is not None and not torch.isfinite(y).all():
-                    found.append((name, _kind(y)))
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if found:
-        return found[0]
-    return (ran[-1] if ran else type(model).__name__), ("nan" if math.isnan(loss) else "inf")
+    """The first module whose output is non-finite (:func:`gradbook.batches.first_nonfinite`) and what the
+    loss went. If every output is finite, the loss itself overflowed (say, the square of a huge output):
+    the module named is then the model's last leaf module, whose output fed the loss."""
+    found = first_nonfinite(model, x)
+    leaves = [n for n, m in model.named_modules() if n and not list(m.children())]
+    name = found.rsplit(" (", 1)[0] if found else (leaves[-1] if leaves else type(model).__name__)
+    return name, ("nan" if math.isnan(loss) else "inf")
 
 
 def _nonfinite_param(model: nn.Module, grads: bool) -> tuple[str, str] | None:
@@ -150,39 +134,27 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_d
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     extra = {}
     if betas is not None:
-        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
-            isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
-        if not ok:
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         extra["betas"] = tuple(float(b) for b in betas)
     if eps is not None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         extra["eps"] = float(eps)
-    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](params, lr=lr, weight_decay=weight_decay,
-                                                                       **extra)
+    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name](params, lr=lr, weight_decay=weight_decay, **extra)
 
 
-def lr_factor(warmup: int = 0, schedule: Callable[[int], float] | None = None) -> Callable[[int], float]:
-    """The learning-rate multiplier of each step: a linear warm-up times ``schedule(step)``.
-
-    With ``warmup`` = w > 0 step s (from 0) runs at (s + 1)/w of the learning rate until s = w - 1, then
-    at the full rate (the warm-up of Goyal et al. 2017, used by every transformer since Vaswani et al.
-    2017); ``schedule(step)`` (default 1) multiplies it. :func:`fit` hands it to
-    ``torch.optim.lr_scheduler.LambdaLR``."""
+def _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every, warmup,
+                    schedule, monitor) -> None:
+    positive_int("steps", steps)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a whole number of steps >= 0, got {warmup!r}")
     if schedule is not None and not callable(schedule):
         raise TypeError(f"schedule must be a function of the step, got {type(schedule).__name__}")
-
-    def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        return ramp * (1.0 if schedule is None else float(schedule(step)))
-    return factor
-
-
-def _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every) -> None:
-    positive_int("steps", steps)
+    if monitor is not None and not (isinstance(monitor, dict) and every):
+        raise ValueError(f"monitor must be a dict of gradbook.watch keyword arguments, with every >= 1; got "
+                         f"monitor={monitor!r}, every={every!r}")
     positive_int("callback_every", callback_every)
     non_negative("lr", lr)
     non_negative("weight_decay", weight_decay)
@@ -299,8 +271,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         ``weight_decay`` is the L2 coefficient handed to the optimizer (decoupled for AdamW); ``betas`` and
         ``eps`` are Adam's (:func:`make_optimizer`).
     warmup, schedule
-        Step s runs at ``lr`` times :func:`lr_factor` (``warmup``, ``schedule``)(s): a linear warm-up over
-        the first ``warmup`` steps, times ``schedule(s)`` if given (``torch.optim.lr_scheduler.LambdaLR``).
+        Step s (from 0) runs at ``lr`` times min(1, (s + 1) / ``warmup``) (a linear warm-up, Goyal et al.
+        2017; none when 0) times ``schedule(s)`` (default 1), through ``torch.optim.lr_scheduler.LambdaLR``.
         The rate of each step is in ``History.lr``.
     clip_norm, clip_value : float, optional
         Clip the gradient by its total norm (``torch.nn.utils.clip_grad_norm_``; Pascanu et al. 2013)
@@ -315,9 +287,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         holds the loss, the update ratios of the optimizer's actual step and the spikes found, and its
         gradients are those the optimizer used (after clipping). Needs ``every`` >= 1.
     loss_fn : callable, optional
-        ``loss_fn(output, target)``; default cross-entropy for classification (the class scores on axis 1,
-        or on the last axis for a sequence model's ``(batch, time, vocabulary)`` logits:
-        :func:`gradbook.batches.default_loss`), MSE for regression.
+        ``loss_fn(output, target)``; default MSE for regression, :func:`gradbook.transformers.lm_loss`
+        (without z-loss) for a language task, cross-entropy (:func:`gradbook.batches.default_loss`) else.
     generator : torch.Generator, optional
         Draws the batches; default the global torch generator (seeded by :func:`gradbook.setup`).
     callback : callable, optional
@@ -329,15 +300,14 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         in a Jupyter front end or a terminal, never under nbconvert, nbgrader, nbval or pytest
         (:mod:`gradbook.progress`).
     """
-    _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every)
+    _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every, warmup,
+                    schedule, monitor)
     param = next(model.parameters())
     task = task.to(param.device, param.dtype)
-    factor = lr_factor(warmup, schedule) if warmup or schedule is not None else None
-    if monitor is not None and not (isinstance(monitor, dict) and every):
-        raise ValueError(f"monitor must be a dict of gradbook.watch keyword arguments, with every >= 1; got "
-                         f"monitor={monitor!r}, every={every!r}")
+    factor = None if not warmup and schedule is None else lambda s: (   # the warm-up times the schedule
+        min(1.0, (s + 1) / warmup) if warmup else 1.0) * (1.0 if schedule is None else float(schedule(s)))
     if loss_fn is None:
-        loss_fn = default_loss if task.kind == "classification" else nn.functional.mse_loss
+        loss_fn = _LOSSES.get(task.kind, default_loss)
     opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay,
                          betas=betas, eps=eps)
     run = _Run(model, task, opt, loss_fn, batch_size, generator, clip_norm, clip_value, every, level,
@@ -375,6 +345,56 @@ def evaluate(model: nn.Module, task: Task, split: str = "test") -> dict:
         out = model(x)
     finally:
         model.train(was_training)
-    if task.kind == "classification":
-        return {"loss": default_loss(out, y).item(), "accuracy": (out.argmax(-1) == y).float().mean().item()}
+    if task.kind != "regression":   # classification, or a language task's next tokens
+        return {"loss": _LOSSES.get(task.kind, default_loss)(out, y).item(),
+                "accuracy": (out.argmax(-1) == y).float().mean().item()}
     return {"loss": nn.functional.mse_loss(out, y).item()}
+
+
+@dataclass
+class Sweep:
+    """Final loss against learning rate (:func:`lr_sweep`): ``final_loss[i]``, the mean training loss of the
+    last steps at ``lrs[i]``, is capped at ``initial``, the loss at initialization, which a diverged run
+    counts as (Wortsman et al. 2023). ``histories`` holds each run's :class:`History`."""
+
+    lrs: np.ndarray
+    final_loss: np.ndarray
+    initial: float
+    diverged: np.ndarray
+    histories: list = field(default_factory=list, repr=False)
+
+    def band(self, margin: float) -> tuple[float, float]:
+        """The smallest and the largest learning rate whose final loss is within ``margin`` of the best."""
+        ok = self.final_loss <= self.final_loss.min() + non_negative("margin", margin)
+        return float(self.lrs[ok].min()), float(self.lrs[ok].max())
+
+    @property
+    def sensitivity(self) -> float:
+        """Wortsman et al.'s learning-rate sensitivity: the mean over the rates of final loss minus the best."""
+        return float(np.mean(self.final_loss - self.final_loss.min()))
+
+
+def lr_sweep(make_model: Callable[[], nn.Module], task: Task, lrs, steps: int, *, seed: int = 0, last: int = 10,
+             **fit_kwargs) -> Sweep:
+    """Train a fresh ``make_model()`` with :func:`fit` at each learning rate of ``lrs``; keep the final loss.
+
+    Every run starts from ``torch.manual_seed(seed)`` (so every rate starts from the same weights) and draws
+    its batches from a generator seeded with ``seed`` (the same batches): the curve shows the learning rate
+    alone. ``last`` steps' losses are averaged; ``fit_kwargs`` go to :func:`fit` (``optimizer``, ``warmup``,
+    ``loss_fn``, ...). The small-scale proxy of Wortsman et al. (2023) is this curve for a small model,
+    with and without a fix.
+    """
+    lrs = np.asarray(lrs, dtype=float)
+    if lrs.ndim != 1 or not len(lrs) or not (np.isfinite(lrs) & (lrs > 0)).all():
+        raise ValueError(f"lrs must be a non-empty list of positive learning rates, got {lrs.tolist()!r}")
+    if isinstance(make_model, nn.Module) or not callable(make_model):
+        raise TypeError(f"make_model must be a function that returns a new model, got {type(make_model).__name__}")
+    positive_int("last", last)
+    runs = []
+    for lr in lrs:
+        torch.manual_seed(seed)
+        runs.append(fit(make_model(), task, steps, float(lr), generator=torch.Generator().manual_seed(seed),
+                        **fit_kwargs))
+    initial = float(runs[0].loss[0])
+    final = np.array([initial if h.diverged else np.fmin(h.loss[-last:].mean(), initial) for h in runs])
+    return Sweep(lrs, final, initial, np.array([h.diverged is not None for h in runs]), runs)

@@ -538,3 +538,52 @@ def test_monitor_records_loss_ratios_and_spikes(digits):
     assert (h.update_ratio[40] > 50 * h.update_ratio[39]).all()
     assert any(s.step >= 40 for s in t.spikes)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_lr_sweep_final_loss_band_and_sensitivity(teacher):
+    make = lambda: gb.mlp(2, 16, "tanh", in_dim=teacher.in_dim, out_dim=teacher.out_dim)   # noqa: E731
+    sweep = gb.train.lr_sweep(make, teacher, [1e-4, 1e-2, 1e-1, 1e12], 40, seed=3, last=5, optimizer="sgd",
+                              progress=False)
+    assert sweep.lrs.tolist() == [1e-4, 1e-2, 1e-1, 1e12]
+    assert len(sweep.histories) == 4 and sweep.diverged.tolist() == [False, False, False, True]
+    # every rate starts from the same weights and batches: the same first loss
+    assert len({h.loss[0] for h in sweep.histories}) == 1 and sweep.initial == sweep.histories[0].loss[0]
+    for h, f in zip(sweep.histories[:3], sweep.final_loss[:3]):
+        assert f == pytest.approx(min(h.loss[-5:].mean(), sweep.initial))
+    assert sweep.final_loss[3] == sweep.initial        # diverged: counted as the loss at initialization
+    assert sweep.final_loss[2] < sweep.final_loss[0]
+    best = sweep.final_loss.min()
+    assert sweep.band(0.0) == (sweep.lrs[sweep.final_loss.argmin()],) * 2
+    lo, hi = sweep.band(10 * sweep.initial)
+    assert (lo, hi) == (1e-4, 1e12)
+    assert sweep.sensitivity == pytest.approx(np.mean(sweep.final_loss - best))
+    again = gb.train.lr_sweep(make, teacher, [1e-2], 40, seed=3, last=5, optimizer="sgd", progress=False)
+    assert again.final_loss[0] == sweep.final_loss[1]    # reproducible from the seed
+
+
+@pytest.mark.parametrize("lrs", [[], [0.1, -1.0], [float("nan")], [[0.1]]])
+def test_lr_sweep_bad_rates_raise(teacher, lrs):
+    with pytest.raises(ValueError, match="lrs"):
+        gb.train.lr_sweep(lambda: gb.mlp(1, 4, in_dim=8, out_dim=1), teacher, lrs, 2)
+
+
+def test_lr_sweep_needs_a_model_factory(teacher):
+    with pytest.raises(TypeError, match="make_model"):
+        gb.train.lr_sweep(gb.mlp(1, 4, in_dim=8, out_dim=1), teacher, [0.1], 2)
+
+
+def test_fit_trains_a_transformer_on_a_language_task_with_lm_loss():
+    task = gb.data.sequences("repeat", length=16, vocab=16, period=4, n_train=512, n_test=64)
+    torch.manual_seed(0)
+    net = gb.transformer(16, 16, depth=1, width=32, heads=4)
+    h = gb.fit(net, task, 120, lr=1e-2, optimizer="adamw", betas=(0.9, 0.95), warmup=12, batch_size=16,
+               loss_fn=gb.transformers.lm_loss, generator=gen(0), progress=False)
+    assert h.diverged is None and h.loss[0] > 2.0
+    best = 3 / 16 * np.log(16)   # the first period - 1 tokens of each sequence cannot be predicted
+    assert h.loss[-10:].mean() < best + 0.25
+    ev = gb.evaluate(net, task, "train")
+    assert set(ev) == {"loss", "accuracy"} and ev["loss"] < best + 0.4 and ev["accuracy"] > 0.6
+    torch.manual_seed(0)   # the default loss of a language task is lm_loss without the z-loss
+    h2 = gb.fit(gb.transformer(16, 16, depth=1, width=32, heads=4), task, 5, lr=1e-2, optimizer="adamw",
+                betas=(0.9, 0.95), warmup=12, batch_size=16, generator=gen(0), progress=False)
+    np.testing.assert_allclose(h2.loss, h.loss[:5], rtol=1e-6)
