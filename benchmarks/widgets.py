@@ -37,6 +37,7 @@ def main() -> None:
                       ("activation", ["sigmoid", "relu", "linear", "tanh"])],
         "clipping": [("lr", [0.3, 3.0, 0.1, 2.0, 0.5]), ("mode", ["none", "value", "norm"]),
                      ("threshold", [0.3, 3.0, 0.1, 10.0])],
+        "transformer": [("depth", [6, 24, 2, 16]), ("residual", ["gpt2", "default"]), ("seed", [1, 2, 3])],
     }
     print(f"gradbook.explorers: latency from setting a dial to the redrawn figure ({args.repeats} settings each)")
     for name, dials in moves.items():

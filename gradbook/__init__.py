@@ -15,7 +15,7 @@ import random
 
 from . import (activations, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init, makeup,
                measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes, theory,
-               toys, train, transformers, widgets, width)
+               toys, train, transformer_explorer, transformers, widgets, width)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import gradients
@@ -30,7 +30,7 @@ __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnos
            "History", "Snapshot", "Trace", "activations", "batches", "book", "data", "diagnosis", "diagrams",
            "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision", "probe",
            "profiles", "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "transformers",
-           "transformer", "widgets", "width", "DEFAULT_SEED"]
+           "transformer", "transformer_explorer", "widgets", "width", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
 

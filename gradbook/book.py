@@ -33,6 +33,10 @@ PAGES = {
     "regularization": "book/exploding/regularization",
     "architectures": "book/beyond/architectures",
     "theory": "book/beyond/theory",
+    "transformers": "book/modern/transformers",
+    "precision": "book/modern/precision",
+    "spikes": "book/modern/spikes",
+    "width": "book/modern/width",
     "diagnose": "book/diagnose",
 }
 

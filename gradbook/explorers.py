@@ -1,4 +1,4 @@
-"""The book's three explorers: turn a dial, watch gradients vanish or explode.
+"""The book's explorers: turn a dial, watch gradients vanish or explode.
 
 Each is a row of dials above ONE figure that is redrawn in place (:mod:`gradbook.widgets`):
 
@@ -10,7 +10,9 @@ Each is a row of dials above ONE figure that is redrawn in place (:mod:`gradbook
   bound;
 * :func:`clipping`: learning rate, clipping mode (none, by value, by norm) and threshold for gradient
   descent on the cliff (:func:`gradbook.toys.descend`); loss curve, gradient norm before and after
-  clipping, and the path over the loss surface.
+  clipping, and the path over the loss surface;
+* :func:`transformer` (from :mod:`gradbook.transformer_explorer`, the explorer of Part IV): each block's
+  gradient and the residual stream's size against depth, pre-LN against post-LN.
 
 In Jupyter (with a kernel)::
 
@@ -34,10 +36,11 @@ from . import nets as _nets
 from . import theory as _theory
 from . import toys as _toys
 from .plot import PALETTE, finite_positive, log_axis, log_limits
+from .transformer_explorer import transformer
 from .widgets import (Explorer, Refused, Spec, checkbox, dropdown, frozen, require_positive, slider,
                       toggle_buttons)
 
-__all__ = ["gradient_flow", "recurrent", "clipping", "SIGMA_W", "NORMS", "CLIFF_WINDOW"]
+__all__ = ["gradient_flow", "recurrent", "clipping", "transformer", "SIGMA_W", "NORMS", "CLIFF_WINDOW"]
 
 #: The initialization dial's extra entry: weights N(0, sigma_w^2 / fan_in) with the sigma_w dial.
 SIGMA_W = "sigma_w"

@@ -11,9 +11,14 @@ What the modules do not say, a forward pass shows: :class:`observe` watches one 
   outside any activation module (``nn.TransformerEncoderLayer``'s ReLU is one);
 * **residual additions**: ``x + f(x)``, an addition of two tensors of one shape, one of which entered a
   module of the model in the same pass (a skip path around that module);
-* **attention logits**: the largest ``|q . k| / sqrt(d_head)`` of every ``nn.MultiheadAttention``, from its
-  own projection weights (Wortsman et al. 2023: logits that grow during training make the softmax
-  one-hot and the training unstable).
+* **attention logits and entropy**: the largest ``|q . k| / sqrt(d_head)`` of every ``nn.MultiheadAttention``,
+  from its own projection weights, and of every attention written by hand, seen as a softmax over the last
+  axis of a (batch, heads, queries, keys) tensor or as a call of ``F.scaled_dot_product_attention``; and the
+  smallest mean entropy of a head's attention weights (Wortsman et al. 2023: logits that grow during
+  training make the softmax one-hot, its entropy collapses, and the training becomes unstable);
+* **post-LN blocks**: residual additions whose skip path carries the output of a normalization, as in the
+  original transformer, ``x' = LN(x + f(x))`` (Xiong et al. 2020: such blocks need learning-rate warm-up),
+  against pre-LN blocks, ``x' = x + f(LN(x))``, whose skip path carries the un-normalized sum.
 
 The diagnosis and the remedies read a :class:`Makeup` so that a remedy is never one the model already
 applies, and so that a report can say what it could not measure: activations that are functions or
@@ -31,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from . import activations as _acts
 from .records import layers, norms, output_tensors
 
-__all__ = ["Makeup", "describe", "observe", "attention_logit", "FUNCTIONAL", "INIT_GAINS"]
+__all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_weights", "FUNCTIONAL", "INIT_GAINS"]
 
 #: Names of the torch functions counted as nonlinearities when called outside an activation module.
 FUNCTIONAL = {"sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "relu6", "gelu", "silu", "elu", "elu_",
@@ -41,6 +46,8 @@ FUNCTIONAL = {"sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "relu6", 
 INIT_GAINS = {"he": 2.0, "xavier": 1.0, "pytorch-default": 1 / 3}
 _TOLERANCE = 1.3
 _ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+_NORM_FUNCTIONS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"}
+_SOFTMAX = {"softmax", "_softmax"}
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
           nn.modules.instancenorm._InstanceNorm)
 _NOT_HIDDEN = (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
@@ -61,6 +68,14 @@ class Makeup:
     functional: dict[str, int] = field(default_factory=dict)   # nonlinearity -> calls outside modules
     residual: int = 0                     # residual additions in one forward pass
     attention_logit: float | None = None  # largest |q.k|/sqrt(d_head) over the attention modules
+    attention_entropy: float | None = None   # smallest mean entropy (nats) of one head's attention weights
+    post_norm: int = 0                    # residual additions whose skip path is a normalization's output
+
+    @property
+    def post_ln(self) -> bool:
+        """Most residual additions add to a normalized stream: post-LN blocks (in a pre-LN model at most the
+        first block's input, after an embedding norm, is normalized)."""
+        return self.residual > 0 and self.post_norm > self.residual / 2
 
     @property
     def normed(self) -> bool:
@@ -147,6 +162,15 @@ def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: tor
     return float(logits.abs().max())
 
 
+def attention_weights(logits: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
+    """The largest finite ``|logit|`` and the smallest mean entropy (nats) over heads of attention
+    ``weights`` (batch, heads, queries, keys) = softmax(``logits``) over the keys (a masked key, whose
+    weight is 0, adds nothing: ``torch.special.entr(0) = 0``)."""
+    finite = logits.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    entropy = torch.special.entr(weights.detach().float()).sum(-1)          # (batch, heads, queries)
+    return float(finite.max()), float(entropy.mean(dim=(0, 2)).min())
+
+
 class observe(TorchFunctionMode):
     """Watch one forward pass of ``model`` (with gradients enabled: computations without them, such as a
     probe's statistics, are not looked at) and complete its :class:`Makeup` (``.makeup`` after the block)::
@@ -161,6 +185,7 @@ class observe(TorchFunctionMode):
         self.model = model
         self.makeup = describe(model)
         self._inputs: dict[int, torch.Tensor] = {}   # tensors that entered a module (kept alive: ids stay unique)
+        self._normed: dict[int, torch.Tensor] = {}   # outputs of normalizations (kept alive, likewise)
         self._inside = 0                            # depth inside activation modules and our own computations
         self._handles: list = []
 
@@ -177,6 +202,7 @@ class observe(TorchFunctionMode):
             h.remove()
         self._handles.clear()
         self._inputs.clear()
+        self._normed.clear()
         return super().__exit__(*exc)
 
     def _pre(self, module, act: bool):
@@ -201,6 +227,28 @@ class observe(TorchFunctionMode):
     def _post(self, mod, args, out):
         self._inside -= 1
 
+    def _attention(self, logits: torch.Tensor, weights: torch.Tensor) -> None:
+        """Fold one attention's logits and weights (batch, heads, queries, keys) into the make-up."""
+        self._inside += 1
+        try:
+            logit, entropy = attention_weights(logits, weights)
+        finally:
+            self._inside -= 1
+        m = self.makeup
+        m.attention_logit = max(logit, m.attention_logit or 0.0)
+        m.attention_entropy = entropy if m.attention_entropy is None else min(entropy, m.attention_entropy)
+
+    def _sdpa_logits(self, q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        """The logits F.scaled_dot_product_attention computes inside: q k^T scale, masked."""
+        logits = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if is_causal:
+            logits = logits.masked_fill(torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                                        float("-inf"))
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else logits + attn_mask
+        return logits
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._inside or not torch.is_grad_enabled():   # our own, or a probe's, computations
@@ -208,7 +256,29 @@ class observe(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in FUNCTIONAL:
             self.makeup.functional[name] = self.makeup.functional.get(name, 0) + 1
+        elif name in _SOFTMAX and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 \
+                and kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 3):
+            out = func(*args, **kwargs)   # a softmax over the keys of (batch, heads, queries, keys) logits
+            self._attention(args[0], out)
+            return out
+        elif name == "scaled_dot_product_attention" and len(args) >= 3 and args[0].dim() == 4:
+            self._inside += 1
+            try:
+                logits = self._sdpa_logits(*args[:2], **{k: v for k, v in kwargs.items() if k != "enable_gqa"},
+                                           **dict(zip(["attn_mask", "dropout_p", "is_causal", "scale"], args[3:])))
+            finally:
+                self._inside -= 1
+            self._attention(logits, torch.softmax(logits.detach(), dim=-1))
+        elif name in _NORM_FUNCTIONS:   # its input, like a module's, can be the skip path of a residual
+            if args and isinstance(args[0], torch.Tensor):
+                self._inputs[id(args[0])] = args[0]
+            out = func(*args, **kwargs)
+            self._normed[id(out)] = out
+            return out
         elif name in _ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]) \
-                and args[0].shape == args[1].shape and (id(args[0]) in self._inputs or id(args[1]) in self._inputs):
-            self.makeup.residual += 1
+                and args[0].shape == args[1].shape:
+            skips = [id(a) for a in args[:2] if id(a) in self._inputs]
+            if skips:
+                self.makeup.residual += 1
+                self.makeup.post_norm += any(i in self._normed for i in skips)
         return func(*args, **kwargs)

@@ -6,6 +6,13 @@
 :class:`Remedy`, most promising first. Each rule of :data:`RULES` says for which verdict it applies, when
 (a test on the :class:`Facts` of the case), what to do, why, and which chapter of the book explains it;
 each remedy links to that chapter's page at its full address (:func:`gradbook.book.page_url`).
+
+Some risks do not show in a gradient profile at all: a post-LN transformer is healthy at initialization and
+still diverges in its first steps without learning-rate warm-up (Xiong et al. 2020), attention logits
+grow during training until the softmax is one-hot (Wortsman et al. 2023), and a mixed-precision run whose
+gradients overflow for real keeps halving its loss scale and skipping steps (Micikevicius et al. 2018).
+The rules for these have the verdict ``"caution"``: :func:`cautions` applies them whatever the verdict,
+healthy included, and the diagnosis lists them apart from the remedies.
 """
 from __future__ import annotations
 
@@ -16,9 +23,11 @@ from torch import nn
 
 from .book import page_url
 from .makeup import Makeup, describe
+from .precision import Skips, skips
 from .theory import TRAINABLE_DEPTH_SCALES
 
-__all__ = ["Remedy", "Facts", "Rule", "RULES", "prescribe", "facts", "SATURATED", "DEAD", "ATTENTION_LOGIT"]
+__all__ = ["Remedy", "Facts", "Rule", "RULES", "prescribe", "cautions", "facts", "SATURATED", "DEAD", "ATTENTION_LOGIT",
+           "QK_NORM"]
 
 #: Fraction of an activation's inputs in saturation (phi' < 0.1 gamma) above which a layer is "saturated".
 SATURATED = 0.5
@@ -59,9 +68,12 @@ class Facts:
     dead: list               # activation layers with more than DEAD of their units dead
     time_vanishing: bool     # the gradient through time fades beyond the trainability line
     residual: bool = False   # residual additions x + f(x) seen in the forward pass
-    attention: bool = False  # nn.MultiheadAttention modules
+    attention: bool = False  # attention: nn.MultiheadAttention modules, or attention weights seen in the forward pass
     attention_logit: float = 0.0   # the largest |q.k|/sqrt(d_head) seen
+    attention_entropy: float | None = None   # the smallest mean entropy (nats) of one head's attention weights
     init: str | None = None  # the named initialization the layers match ("he", "xavier", "pytorch-default")
+    post_ln: bool = False    # normalizations on the residual stream itself, LN(x + f(x)): post-LN blocks
+    skips: Skips | None = None   # the steps AMP's GradScaler skipped in a watched window, if known
 
     @property
     def relu_like(self) -> bool:
@@ -81,15 +93,17 @@ class Facts:
         return (self.relu_like and self.init == "he") or (self.tanh and not self.relu_like and self.init == "xavier")
 
 
-def facts(diag, model: nn.Module, makeup: Makeup | None = None) -> Facts:
-    """The :class:`Facts` of a diagnosis of ``model`` (``makeup``: its observed make-up, if known)."""
+def facts(diag, model: nn.Module, makeup: Makeup | None = None, skipped=()) -> Facts:
+    """The :class:`Facts` of a diagnosis of ``model`` (``makeup``: its observed make-up, if known;
+    ``skipped``: which recorded steps AMP skipped, for a diagnosis of a watched window)."""
     m = makeup or describe(model)
     over = lambda values, line: [a for a, v in zip(diag.activations, values) if v > line]   # noqa: E731
     return Facts(recurrent=m.recurrent, gated=m.gated, normed=m.normed, activation_types=m.nonlinearities,
                  saturated=over(diag.saturated, SATURATED), dead=over(diag.dead, DEAD),
                  time_vanishing=diag.depth_scales.get("time", 0.0) < -TRAINABLE_DEPTH_SCALES,
-                 residual=m.residual > 0, attention=bool(m.attention),
-                 attention_logit=m.attention_logit or 0.0, init=m.init)
+                 residual=m.residual > 0, attention=bool(m.attention) or m.attention_logit is not None,
+                 attention_logit=m.attention_logit or 0.0, attention_entropy=m.attention_entropy, init=m.init, post_ln=m.post_ln,
+                 skips=skips(skipped) if len(skipped) else None)
 
 
 def _span(names: list) -> str:
@@ -111,6 +125,8 @@ class Rule:
 
 
 ALWAYS = lambda f: True   # noqa: E731
+#: The remedy for attention logits large enough to make the softmax one-hot (Dehghani et al. 2023).
+QK_NORM = "normalize queries and keys before the attention softmax (QK-norm), or lower the learning rate"
 
 #: The rules, in order of priority within each verdict. A rule for "exploding" also serves a loss that is
 #: already non-finite at initialization ("non-finite"). To add a symptom, append a Rule.
@@ -130,10 +146,9 @@ RULES = [
          "scale each residual branch down (by 1/sqrt(depth), or zero-initialize its last layer: Fixup)",
          "unnormalized residual blocks add a branch as large as their input, so the stream grows with every block",
          "architectures"),
-    Rule("exploding", lambda f: f.attention and f.attention_logit > ATTENTION_LOGIT,
-         "normalize queries and keys before the attention softmax (QK-norm), or lower the learning rate",
+    Rule("exploding", lambda f: f.attention and f.attention_logit > ATTENTION_LOGIT, QK_NORM,
          lambda f: f"the largest attention logit is {f.attention_logit:.3g}: the softmax is nearly one-hot",
-         "diagnose"),
+         "transformers"),
     # exploding, feed-forward
     Rule("exploding", lambda f: not f.recurrent and not f.init_fits,
          "scale the initial weights down (He for ReLU, Xavier for tanh)",
@@ -170,6 +185,22 @@ RULES = [
          "it resets the scale at every layer", "batch-norm"),
     Rule("vanishing", lambda f: not f.residual, "add residual connections",
          "an identity path carries the gradient past every layer", "architectures"),
+    # cautions: risks that a gradient profile does not show, whatever the verdict
+    Rule("caution", lambda f: f.skips is not None and f.skips.collapsed,
+         "find the layer whose gradient overflows float16 (gb.watch with level='full'), lower the learning rate, "
+         "or train in bfloat16",
+         lambda f: f"{f.skips}: the loss scale halved {f.skips.longest_run} times in a row, so the gradients "
+                   "overflow at any scale", "precision"),
+    Rule("caution", lambda f: f.post_ln,
+         "warm the learning rate up over the first steps (gb.fit(..., warmup=...)), or normalize before each "
+         "block (pre-LN)",
+         "post-LN blocks: the gradients of the last layers are large at initialization, and the first full-size "
+         "steps can throw the model off", "transformers"),
+    Rule("caution", lambda f: f.attention and f.attention_logit > ATTENTION_LOGIT, QK_NORM,
+         lambda f: f"the largest attention logit is {f.attention_logit:.3g}: the attention's softmax is nearly "
+                   "one-hot" + ("" if f.attention_entropy is None else
+                                f" (the lowest head's mean entropy is {f.attention_entropy:.2g} nats)")
+                   + ", and its gradient vanishes", "transformers"),
 ]
 
 
@@ -180,3 +211,12 @@ def prescribe(diag, model: nn.Module, makeup: Makeup | None = None) -> list[Reme
     f = facts(diag, model, makeup)
     wanted = {diag.verdict} | ({"exploding"} if diag.verdict == "non-finite" else set())
     return [rule.remedy(f) for rule in RULES if rule.verdict in wanted and rule.when(f)]
+
+
+def cautions(diag, model: nn.Module, makeup: Makeup | None = None, skipped=()) -> list[Remedy]:
+    """What to watch for whatever the verdict (the rules of :data:`RULES` whose verdict is ``"caution"``):
+    post-LN blocks without warm-up, attention logits large enough to make the softmax one-hot, a collapsing
+    loss scale (``skipped``: which recorded steps AMP skipped, as in :class:`gradbook.probe.WatchTrace`)."""
+    f = facts(diag, model, makeup, skipped)
+    given = {r.action for r in prescribe(diag, model, makeup)}   # said once, as a remedy, where it is one
+    return [rule.remedy(f) for rule in RULES if rule.verdict == "caution" and rule.when(f) and rule.action not in given]

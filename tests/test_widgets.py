@@ -182,5 +182,27 @@ def test_latency_benchmark_runs_and_reports_every_explorer():
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "widgets.py"
     out = subprocess.run([sys.executable, str(script), "--repeats", "2"], capture_output=True, text=True,
                          timeout=300, check=True).stdout
-    for name in ("gradient_flow", "recurrent", "clipping"):
+    for name in ("gradient_flow", "recurrent", "clipping", "transformer"):
         assert name in out and "median" in out
+
+
+def test_transformer_pre_ln_stream_grows_with_depth_unless_the_projections_start_small():
+    ex = gb.explorers.transformer()
+    ex.widget
+    _set(ex, depth=24)
+    pre, post = _line(ex, 1, "pre-LN"), _line(ex, 1, "post-LN")
+    assert len(pre) == 25 and pre[-1] > 4 * pre[0]          # 0.25 -> about 2 (seeds 0-19: 1.5-2.4)
+    assert np.allclose(post[1:], 1.0, atol=1e-3)            # LayerNorm after every addition
+    grads = _line(ex, 0, "pre-LN")
+    assert grads[0] > 1.5 * grads[-1]                       # seeds 0-19: 2.3-4.4
+    _set(ex, residual="gpt2")
+    assert _line(ex, 1, "pre-LN")[-1] < 0.5 * pre[-1]       # GPT-2's scaling keeps it level
+    assert "first / last block" in ex.message.value
+
+
+def test_transformer_refuses_bad_settings():
+    ex = gb.explorers.transformer()
+    with pytest.raises(widgets.Refused, match="depth"):
+        ex.data(depth=0)
+    with pytest.raises(widgets.Refused, match="residual"):
+        ex.data(residual="tiny")
