@@ -159,7 +159,8 @@ def _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_v
     non_negative("lr", lr)
     non_negative("weight_decay", weight_decay)
     non_negative("every", every)
-    choice("optimizer", optimizer, OPTIMIZERS)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        choice("optimizer", optimizer, OPTIMIZERS)
     if clip_norm is not None and clip_value is not None:
         raise ValueError("give clip_norm or clip_value, not both")
     for name, v in [("clip_norm", clip_norm), ("clip_value", clip_value)]:
@@ -254,14 +255,13 @@ class _Run:
                        np.array(self.lrs, dtype=float))
 
 
-def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer: str = "sgd",
-        momentum: float = 0.0, batch_size: int = 64, weight_decay: float = 0.0,
-        clip_norm: float | None = None, clip_value: float | None = None, every: int = 0,
-        level: str = "full", loss_fn=None, generator: torch.Generator | None = None,
-        callback: Callable[[int, nn.Module], object] | None = None, callback_every: int = 1,
-        progress: bool | None = None, warmup: int = 0, schedule: Callable[[int], float] | None = None,
-        betas: tuple[float, float] | None = None, eps: float | None = None,
-        monitor: dict | None = None) -> History:
+def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer="sgd", momentum: float = 0.0,
+        batch_size: int = 64, weight_decay: float = 0.0, clip_norm: float | None = None,
+        clip_value: float | None = None, every: int = 0, level: str = "full", loss_fn=None,
+        generator: torch.Generator | None = None, callback: Callable[[int, nn.Module], object] | None = None,
+        callback_every: int = 1, progress: bool | None = None, warmup: int = 0,
+        schedule: Callable[[int], float] | None = None, betas: tuple[float, float] | None = None,
+        eps: float | None = None, monitor: dict | None = None) -> History:
     """Train ``model`` on random batches of ``task`` for ``steps`` steps.
 
     Parameters
@@ -269,7 +269,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
     lr, optimizer, momentum, weight_decay, betas, eps
         ``optimizer`` is one of ``"sgd"``, ``"adam"``, ``"adamw"``; ``momentum`` applies to SGD;
         ``weight_decay`` is the L2 coefficient handed to the optimizer (decoupled for AdamW); ``betas`` and
-        ``eps`` are Adam's (:func:`make_optimizer`).
+        ``eps`` are Adam's (:func:`make_optimizer`). Or a ``torch.optim.Optimizer`` over the model's
+        parameters, used as it is (the other five are then ignored): a ``callback`` can then reach it.
     warmup, schedule
         Step s (from 0) runs at ``lr`` times min(1, (s + 1) / ``warmup``) (a linear warm-up, Goyal et al.
         2017; none when 0) times ``schedule(s)`` (default 1), through ``torch.optim.lr_scheduler.LambdaLR``.
@@ -296,9 +297,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         updates, counting from 0 (before training) to the end; its return values are kept in
         ``History.callback_values``. Use it to follow any quantity over training.
     progress : bool, optional
-        Show progress (and print a divergence when it happens). By default only where a person watches:
-        in a Jupyter front end or a terminal, never under nbconvert, nbgrader, nbval or pytest
-        (:mod:`gradbook.progress`).
+        Show progress (and print a divergence when it happens). By default only where a person watches
+        (a Jupyter front end or a terminal; never nbconvert, nbgrader, nbval, pytest: :mod:`gradbook.progress`).
     """
     _check_fit_args(steps, lr, weight_decay, every, optimizer, clip_norm, clip_value, callback_every, warmup,
                     schedule, monitor)
@@ -308,8 +308,8 @@ def fit(model: nn.Module, task: Task, steps: int, lr: float = 0.1, *, optimizer:
         min(1.0, (s + 1) / warmup) if warmup else 1.0) * (1.0 if schedule is None else float(schedule(s)))
     if loss_fn is None:
         loss_fn = _LOSSES.get(task.kind, default_loss)
-    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay,
-                         betas=betas, eps=eps)
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
+        optimizer, [p for p in model.parameters() if p.requires_grad], lr, momentum, weight_decay, betas=betas, eps=eps)
     run = _Run(model, task, opt, loss_fn, batch_size, generator, clip_norm, clip_value, every, level,
                callback, callback_every, factor, monitor)
     model.train()

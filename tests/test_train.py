@@ -587,3 +587,22 @@ def test_fit_trains_a_transformer_on_a_language_task_with_lm_loss():
     h2 = gb.fit(gb.transformer(16, 16, depth=1, width=32, heads=4), task, 5, lr=1e-2, optimizer="adamw",
                 betas=(0.9, 0.95), warmup=12, batch_size=16, generator=gen(0), progress=False)
     np.testing.assert_allclose(h2.loss, h.loss[:5], rtol=1e-6)
+
+
+def test_fit_uses_a_given_optimizer_and_a_callback_can_reset_it(digits):
+    """An optimizer instance is used as it is; clearing Adam's state in a callback makes the next update a
+    first update again: every entry moves by lr (m_hat / sqrt(v_hat) = +-1)."""
+    net = small_mlp(digits)
+    opt = gb.train.make_optimizer("adam", net.parameters(), 1e-3)
+    seen = []
+
+    def forget(step, model):
+        if step == 5:
+            opt.state.clear()
+            seen.append(net.readout.weight.detach().clone())
+    h = gb.fit(net, digits, 6, optimizer=opt, callback=forget, generator=gen(0), progress=False)
+    np.testing.assert_allclose(h.lr, 1e-3)
+    moved = (net.readout.weight.detach() - seen[0]).abs()
+    moved = moved[moved > 0]
+    torch.testing.assert_close(moved, torch.full_like(moved, 1e-3), rtol=1e-3, atol=0)
+    assert opt.state[net.readout.weight]["step"] == 1
