@@ -71,7 +71,7 @@ from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
 from .measure import evidence, kept_buffers
 from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, norms, recurrent_modules, weight_tensors
-from .remedies import Remedy, prescribe
+from .remedies import Remedy, cautions, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
 __all__ = ["diagnose", "from_trace", "Diagnosis", "VERDICTS", "MIN_POINTS"]
@@ -105,6 +105,7 @@ class Diagnosis:
     makeup: Makeup | None = None
     notes: list[str] = field(default_factory=list)
     loss: float | None = None
+    cautions: list[Remedy] = field(default_factory=list)
 
     @property
     def change(self) -> dict[str, float]:
@@ -145,6 +146,10 @@ class Diagnosis:
             out.append("")
             out.append("Remedies, most promising first:")
             out.extend(f"  {k}. {r}" for k, r in enumerate(self.remedies, 1))
+        if self.cautions:
+            out.append("")
+            out.append("Cautions (risks a gradient profile does not show):")
+            out.extend(f"  - {r}" for r in self.cautions)
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -256,8 +261,11 @@ def from_trace(model: nn.Module, trace: Trace, lr: float | None = None) -> Diagn
         wg = trace.weight_grad_norm
         # a non-finite weight gradient on any step of the window is reported, not averaged away
         wmed = np.where(np.isfinite(wg).all(axis=0), np.nanmedian(wg, axis=0), np.inf)
-    return _from_evidence(model, named, wmed, med["grad_norm"], med["act_std"], med["saturated"], med["dead"], None,
+    diag = _from_evidence(model, named, wmed, med["grad_norm"], med["act_std"], med["saturated"], med["dead"], None,
                           check_lr(lr))
+    skipped = getattr(trace, "skipped", ())   # a gradbook.watch trace records the steps AMP skipped
+    diag.cautions = cautions(diag, model, diag.makeup, skipped if len(skipped) == len(trace) else ())
+    return diag
 
 
 def _weight_norms(named) -> np.ndarray:
@@ -375,3 +383,4 @@ def _decide(d: Diagnosis, model: nn.Module, named: list, acts: list) -> None:
                 k = crossing(d.time_grad[::-1], sign)
                 d.start = None if k is None else f"input time step {len(d.time_grad) - 1 - k} (counting from 0)"
     d.remedies = prescribe(d, model, d.makeup)
+    d.cautions = cautions(d, model, d.makeup)

@@ -1,5 +1,6 @@
 """gradbook.makeup on transformer blocks (post-LN against pre-LN) and the cautions of gradbook.remedies that
 read it: risks a gradient profile at initialization does not show."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -148,3 +149,30 @@ def test_gradbook_transformer_attention_is_seen_and_large_logits_are_a_caution()
     assert d.makeup.attention_logit > gb.remedies.ATTENTION_LOGIT
     assert any(r.action == gb.remedies.QK_NORM for r in [*d.remedies, *said])
     assert d.makeup.attention_entropy < 0.5
+
+
+def test_the_diagnosis_carries_its_cautions_and_reports_them():
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 40, (8, 12)), torch.randint(0, 40, (8, 12))
+    d = gb.diagnose(Encoder(norm_first=False), x, y)
+    assert [r.topic for r in d.cautions] == ["transformers"]
+    assert "Cautions" in d.report() and gb.book.page_url("transformers") in d.report()
+    assert gb.diagnose(Encoder(norm_first=True), x, y).cautions == []
+
+
+def test_a_diagnosis_of_a_watched_window_reads_a_collapsed_loss_scale():
+    torch.manual_seed(0)
+    model = gb.mlp(4, 16, in_dim=8, out_dim=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    with gb.watch(model, optimizer=opt) as w:
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    trace = w.trace
+    assert len(trace) == 20 and gb.diagnosis.from_trace(model, trace).cautions == []
+    trace.skipped = np.arange(20) < 5            # as if AMP had skipped the first five: the scale coming down
+    assert gb.diagnosis.from_trace(model, trace).cautions == []
+    trace.skipped = np.arange(20) >= 2           # ... and then every step: halved 18 times in a row
+    assert [r.topic for r in gb.diagnosis.from_trace(model, trace).cautions] == ["precision"]
