@@ -189,14 +189,15 @@ def _run(model: nn.Module, x, y, task, steps, lr, optimizer) -> tuple[np.ndarray
 
 
 def coordinate_check(make_model: Callable[[int], nn.Module], widths: Sequence[int], task: Task, steps: int = 3,
-                     lr: float = 1e-2, optimizer: str = "adam", batch_size: int = 64, seeds: int = 2,
-                     seed: int = 0) -> CoordinateCheck:
+                     lr: float | Callable[[int], float] = 1e-3, optimizer: str = "adam", batch_size: int = 64,
+                     seeds: int = 1, seed: int = 0) -> CoordinateCheck:
     """Train ``make_model(width)`` for each width ``steps`` steps on one fixed batch of ``task`` and record
     every ``nn.Linear``'s output size and its change at each step (Yang et al. 2022, appendix D.1).
 
     The optimizer (``"sgd"`` or ``"adam"``) uses :func:`param_groups`, so a muP :class:`MuMLP` gets Table
-    3's per-layer learning rates. Each width is run for ``seeds`` initializations (torch seeds ``seed``,
-    ``seed + 1``, ...) and the sizes are averaged; the batch is drawn once, from ``seed``.
+    3's per-layer learning rates. ``lr`` is a number, or a function of the width (to try, say, SP with a
+    learning rate falling like 1/width). Each width is run for ``seeds`` initializations (torch seeds
+    ``seed``, ``seed + 1``, ...) and the sizes are averaged; the batch is drawn once, from ``seed``.
     """
     if not callable(make_model):
         raise TypeError(f"make_model must be a callable taking a width, got {make_model!r}")
@@ -213,7 +214,7 @@ def coordinate_check(make_model: Callable[[int], nn.Module], widths: Sequence[in
         for s in range(seeds):
             torch.manual_seed(seed + s)
             model = make_model(width)
-            runs.append(_run(model, x, y, task, steps, lr, optimizer))
+            runs.append(_run(model, x, y, task, steps, lr(width) if callable(lr) else lr, optimizer))
         layers = layers or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         size.append(np.mean([r[0] for r in runs], axis=0))
         change.append(np.mean([r[1] for r in runs], axis=0))
