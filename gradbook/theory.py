@@ -361,7 +361,7 @@ def jacobian_spectrum(activation: str, depth: int, sigma_w: float, sigma_b: floa
 
 
 def width_exponents(parametrization: str, optimizer: str) -> dict:
-    """The exponent a in |h_1 - h_0| ~ n^a: how the change in one step of an MLP's input-layer, hidden-layer
+    """The exponent a in ``|h_1 - h_0| ~ n^a``: how the change in one step of an MLP's input-layer, hidden-layer
     and output (logit) coordinates grows with the width n at a fixed learning rate, by Yang & Hu's (2021)
     Tensor Programs IV argument (a sum of n terms correlated with each other is ~n, independent ones
     ~sqrt(n)). Standard parametrization (variance 1/fan_in, one learning rate): gradients at the hidden

@@ -8,20 +8,21 @@ parametrization that can, muP; Yang et al. (2022, "Tensor Programs V", Table 3) 
 With the width n measured against a base width n0 (the multiplier m = n / n0, so that at n = n0 muP is
 SP), the formulation used here is their Table 3, with no output multiplier:
 
-================  ===========================  ======================  =================
- weights           input layer and all biases   hidden layers           output layer
-================  ===========================  ======================  =================
- init. variance    1 / fan_in                   1 / fan_in              1 / (fan_in m)
- SGD learn. rate   eta m                        eta                     eta / m
- Adam learn. rate  eta                          eta / m                 eta / m
-================  ===========================  ======================  =================
+================  ==========================  ==============  ================
+weights           input layer and all biases  hidden layers   output layer
+================  ==========================  ==============  ================
+init. variance    1 / fan_in                  1 / fan_in      1 / (fan_in m)
+SGD learn. rate   eta m                       eta             eta / m
+Adam learn. rate  eta                         eta / m         eta / m
+================  ==========================  ==============  ================
 
-(SP: variance 1/fan_in and learning rate eta everywhere.) Biases start at zero in both. The
-input layer's fan_in is the data's dimension, which does not grow with n.
+(SP: variance 1/fan_in and learning rate eta everywhere.) Biases start at zero in both; the read-out's
+bias, whose fan_out is the number of outputs rather than n, keeps SGD's eta. The input layer's fan_in is
+the data's dimension, which does not grow with n.
 
 :func:`coordinate_check` trains models of several widths for a few steps on one fixed batch, in the
-manner of the muP package's coordinate check (Yang et al. 2022, appendix D.1), and records each layer's
-coordinate size mean |h| and the size of its change since initialization, mean |h_t - h_0|.
+manner of the muP package's coordinate check (Yang et al. 2022), and records each layer's
+coordinate size ``mean |h|`` and the size of its change since initialization, ``mean |h_t - h_0|``.
 :mod:`gradbook.theory` (``width_exponents``) predicts how the changes scale with n.
 """
 from __future__ import annotations
@@ -122,8 +123,8 @@ def _loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class CoordinateCheck:
     """What :func:`coordinate_check` recorded: arrays indexed (width, step, layer), averaged over seeds.
 
-    ``size[w, t, l]`` is mean |h| of layer ``l``'s output (pre-activation; the logits for the read-out)
-    after ``t`` training steps (t = 0: at initialization); ``change[w, t, l]`` is mean |h_t - h_0|.
+    ``size[w, t, l]`` is ``mean |h|`` of layer ``l``'s output (pre-activation; the logits for the read-out)
+    after ``t`` training steps (t = 0: at initialization); ``change[w, t, l]`` is ``mean |h_t - h_0|``.
     """
 
     widths: np.ndarray
@@ -192,7 +193,7 @@ def coordinate_check(make_model: Callable[[int], nn.Module], widths: Sequence[in
                      lr: float | Callable[[int], float] = 1e-3, optimizer: str = "adam", batch_size: int = 64,
                      seeds: int = 1, seed: int = 0) -> CoordinateCheck:
     """Train ``make_model(width)`` for each width ``steps`` steps on one fixed batch of ``task`` and record
-    every ``nn.Linear``'s output size and its change at each step (Yang et al. 2022, appendix D.1).
+    every ``nn.Linear``'s output size and its change at each step (Yang et al. 2022).
 
     The optimizer (``"sgd"`` or ``"adam"``) uses :func:`param_groups`, so a muP :class:`MuMLP` gets Table
     3's per-layer learning rates. ``lr`` is a number, or a function of the width (to try, say, SP with a
