@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import random
 
-from . import (activations, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init, makeup,
-               measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes, theory,
-               toys, train, transformer_explorer, transformers, widgets, width)
+from . import (activations, attention, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init,
+               makeup, measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes,
+               theory, toys, train, transformer_explorer, transformers, widgets, width)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import gradients
@@ -27,10 +27,10 @@ from .watch import watch
 
 __version__ = "0.2.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
-           "History", "Snapshot", "Trace", "activations", "batches", "book", "data", "diagnosis", "diagrams",
-           "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision", "probe",
-           "profiles", "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train", "transformers",
-           "transformer", "transformer_explorer", "widgets", "width", "DEFAULT_SEED"]
+           "History", "Snapshot", "Trace", "activations", "attention", "batches", "book", "data", "diagnosis",
+           "diagrams", "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision",
+           "probe", "profiles", "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train",
+           "transformers", "transformer", "transformer_explorer", "widgets", "width", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0
 
