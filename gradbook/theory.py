@@ -36,7 +36,8 @@ from ._checks import choice, non_negative, positive_int
 
 __all__ = ["expect", "length_map", "chi", "q_path", "gradient_factors", "gradient_profile", "fixed_point",
            "critical_sigma_w", "critical_line", "depth_scale", "trainable_depth", "init_sigma_w", "rnn_bounds",
-           "jacobian_spectrum", "residual_profile", "TRAINABLE_DEPTH_SCALES", "width_exponents"]
+           "jacobian_spectrum", "residual_profile", "TRAINABLE_DEPTH_SCALES", "width_exponents",
+           "ln_gradient_bound"]
 
 # E[f(z)], z ~ N(0, 1), by Gauss-Legendre quadrature on [-12, 0] and [0, 12] separately: exact to ~1e-12
 # for functions that are smooth on each side of 0, such as ELU's derivative, which has a kink there and
@@ -374,3 +375,13 @@ def width_exponents(parametrization: str, optimizer: str) -> dict:
         return {"input": 0.0, "hidden": 0.0, "output": 0.0}
     return {"sgd": {"input": -0.5, "hidden": 0.5, "output": 1.0},
             "adam": {"input": 0.0, "hidden": 1.0, "output": 1.5}}[optimizer]
+
+
+def ln_gradient_bound(depth: int, width: int, norm: str = "pre") -> float:
+    """The order of Xiong et al.'s (2020, Theorem 1) bound on ||dL/dW||_F of the last block's second
+    feed-forward weight at initialization: d sqrt(ln d) for post-LN, whatever the depth L, and
+    d sqrt(ln d / L) for pre-LN. Constants dropped: compare a measurement's change with depth, not its size."""
+    positive_int("depth", depth)
+    positive_int("width", width)
+    bound = width * math.sqrt(math.log(width))
+    return bound / math.sqrt(depth) if choice("norm", norm, ["pre", "post"]) == "pre" else bound

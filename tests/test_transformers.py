@@ -135,3 +135,11 @@ def test_a_transformer_learns_the_repeat_task():
     floor = 3 / 16 * math.log(16)
     with torch.no_grad():
         assert lm_loss(net(task.x_test), task.y_test).item() < floor + 0.3
+
+
+def test_xiong_bound_scales_as_one_over_sqrt_depth_in_pre_ln_and_not_in_post_ln():
+    bound = gb.theory.ln_gradient_bound
+    assert bound(24, 64, "pre") / bound(6, 64, "pre") == pytest.approx(0.5)
+    assert bound(24, 64, "post") == bound(6, 64, "post") == pytest.approx(64 * math.sqrt(math.log(64)))
+    with pytest.raises(ValueError, match="norm 'mid'"):
+        bound(6, 64, "mid")
