@@ -14,43 +14,70 @@ import torch
 from torch import nn
 
 from . import activations as _acts
-from .records import Trace, norms, output_tensor
+from . import distributed as dist
+from .records import SAFE_RANGE, Trace, norms, output_tensor
 from .spikes import Spike
 
-__all__ = ["Step", "StepHooks", "to_numpy", "WatchTrace", "StepRecord"]
+__all__ = ["Step", "StepHooks", "Updates", "to_numpy", "WatchTrace", "StepRecord"]
 
 
 def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Each tensor as a float64 NumPy array, with one transfer from the device for all of them."""
+    """Each tensor as a float64 NumPy array, with one transfer from the device for all of them (the
+    tensors are grouped by dtype and shape class, a few stacking calls rather than one call per tensor)."""
     if not tensors:
         return []
-    device = tensors[0].device
-    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors]).cpu().numpy()
-    return np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1])
+    device, groups = tensors[0].device, {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.dim() == 0), []).append(i)
+    parts, order = [], []
+    for (_, scalar), idx in groups.items():
+        ts = [tensors[i].detach() for i in idx]
+        parts.append((torch.stack(ts) if scalar else torch.cat([t.reshape(-1) for t in ts])).to(device, torch.float64))
+        order += idx
+    flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy()
+    out: list = [None] * len(tensors)
+    for i, piece in zip(order, np.split(flat, np.cumsum([tensors[i].numel() for i in order])[:-1])):
+        out[i] = piece
+    return out
+
+
+def _value(t: torch.Tensor):
+    """A one-element statistic: a Python float on the CPU (where reading it costs nothing), else the tensor
+    (read later, with the step's other tensors, in one transfer)."""
+    return t.item() if t.device.type == "cpu" else t
+
+
+def _norm(g: torch.Tensor):
+    """||g||, accurate for tiny and huge float32 gradients (:func:`gradbook.records.norms`), as :func:`_value`."""
+    if g.device.type != "cpu":
+        return norms([g])[0]
+    n = torch.linalg.vector_norm(g).item()
+    return n if g.dtype == torch.float64 or SAFE_RANGE[0] <= n <= SAFE_RANGE[1] else norms([g])[0].item()
 
 
 class Step:
-    """What one recorded step has gathered so far, still as tensors on the model's device."""
+    """What one recorded step has gathered so far: statistics as Python floats on the CPU, as tensors on the
+    model's device elsewhere (:func:`_value`)."""
 
     def __init__(self, index: int, n_layers: int, n_acts: int):
         self.index = index
         self.weight: torch.Tensor | None = None                          # (L,) norms of .grad
-        self.grad: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]   # ||dL/dy|| per call
-        self.out: list[list[tuple]] = [[] for _ in range(n_acts)]     # (count, mean, var) per call
+        self.grad: list[list] = [[] for _ in range(n_layers)]            # ||dL/dy|| per call
+        self.out: list[list[tuple]] = [[] for _ in range(n_acts)]     # (count, mean, ||y - mean||) per call
         self.sat: list[list[tuple]] = [[] for _ in range(n_acts)]     # (saturated count, count) per call
         self.alive: list[torch.Tensor | None] = [None] * n_acts       # max |phi'| of each unit so far
         self.total: torch.Tensor | None = None      # the norm over every trainable parameter
-        self.before: list[torch.Tensor] | None = None   # the weights before the optimizer's step
-        self.weight_sq: torch.Tensor | None = None  # their squared norms
         self.ratio: torch.Tensor | None = None      # (L,) update:weight ratio of the optimizer's step
         self.skipped = False                        # AMP's scaler skipped the optimizer's step
+        self.values: np.ndarray | None = None       # [total, loss, weight...] once read to the host
+        self.found: list[Spike] = []                # spikes flagged at this step
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor gathered, in the order :meth:`row` reads them back."""
         out = [] if self.weight is None else [self.weight]
-        out += [t for calls in self.grad for t in calls]
-        out += [t for calls in self.out for _, mean, var in calls for t in (mean, var)]
-        out += [k for calls in self.sat for k, _ in calls]
+        out += [t for calls in self.grad for t in calls if isinstance(t, torch.Tensor)]
+        out += [t for calls in self.out for _, mean, var in calls for t in (mean, var) if isinstance(t, torch.Tensor)]
+        out += [k for calls in self.sat for k, _ in calls if isinstance(k, torch.Tensor)]
         return out + [a for a in self.alive if a is not None]
 
     def row(self, values) -> np.ndarray:
@@ -59,20 +86,23 @@ class Step:
         L, A = len(self.grad), len(self.out)
         row = np.full(2 * L + 4 * A, np.nan)
         weight, grad, act = row[:L], row[L:2 * L], row[2 * L:].reshape(4, A)
+
+        def number(v):
+            return next(values)[0] if isinstance(v, torch.Tensor) else v
         if self.weight is not None:
             weight[:] = next(values)
         for i, calls in enumerate(self.grad):
             if calls:   # a module called several times: the norm of all its calls together
-                grad[i] = np.sqrt(sum(next(values)[0] ** 2 for _ in calls))
+                grad[i] = np.sqrt(sum(number(c) ** 2 for c in calls))
         for j, calls in enumerate(self.out):
             if calls:   # exact mean and variance of all calls from each call's own (parallel algorithm)
                 n = np.array([c[0] for c in calls], dtype=float)
-                mv = np.array([[next(values)[0], next(values)[0]] for _ in calls])
-                mean = (n * mv[:, 0]).sum() / n.sum()
-                act[0, j], act[1, j] = mean, np.sqrt((n * (mv[:, 1] + (mv[:, 0] - mean) ** 2)).sum() / n.sum())
+                mv = np.array([[number(m), number(d)] for _, m, d in calls])
+                mean, var = (n * mv[:, 0]).sum() / n.sum(), mv[:, 1] ** 2 / n
+                act[0, j], act[1, j] = mean, np.sqrt((n * (var + (mv[:, 0] - mean) ** 2)).sum() / n.sum())
         for j, calls in enumerate(self.sat):
             if calls:
-                act[2, j] = sum(next(values)[0] for _ in calls) / sum(n for _, n in calls)
+                act[2, j] = sum(number(k) for k, _ in calls) / sum(n for _, n in calls)
         for j, alive in enumerate(self.alive):
             if alive is not None:
                 act[3, j] = (next(values) == 0).mean()
@@ -81,26 +111,33 @@ class Step:
 
 class StepHooks:
     """The forward hooks of ``level="full"`` on ``layers`` ((name, module) pairs) and ``acts`` ((name, module,
-    Activation) triples), attached only while a recorded step runs (``add()``, ``remove()``). Each adds
-    to ``current()``, the step being recorded (None: nothing), while ``active()`` is true."""
+    Activation) triples), attached only while recorded steps run (``add()``, ``remove()``). Each adds
+    to ``current()``, the step being recorded (None: nothing), while ``active()`` is true.
 
-    def __init__(self, layers: list, acts: list, current: Callable[[], "Step | None"], active: Callable[[], bool]):
+    The statistics are computed with torch's function overrides off (a ``TorchFunctionMode`` watching the
+    same pass, such as :class:`gradbook.makeup.observe`, does not see them), in few kernels; with
+    ``compiled``, each hook is hidden from ``torch.compile`` (``torch.compiler.disable``), which runs it
+    eagerly instead of tracing it into the graph and recompiling when the recorded step changes."""
+
+    def __init__(self, layers: list, acts: list, current: Callable[[], "Step | None"], active: Callable[[], bool],
+                 compiled: bool = False):
         self._layers, self._acts = layers, acts
         self._current, self._active = current, active
+        self._wrap = torch.compiler.disable if compiled else (lambda f: f)
         self._step_handles: list = []
 
     def add(self) -> None:
         if self._step_handles:
             return
-        add = self._step_handles.append
+        add, wrap = self._step_handles.append, self._wrap
         for i, (_, m) in enumerate(self._layers):
-            add(m.register_forward_hook(self._layer_hook(i)))
+            add(m.register_forward_hook(wrap(self._layer_hook(i))))
         for j, (_, m, act) in enumerate(self._acts):
             if getattr(m, "inplace", False):   # its input is overwritten: read it before the forward
-                add(m.register_forward_pre_hook(self._act_input_hook(j, act)))
-                add(m.register_forward_hook(self._act_output_hook(j, None)))
+                add(m.register_forward_pre_hook(wrap(self._act_input_hook(j, act))))
+                add(m.register_forward_hook(wrap(self._act_output_hook(j, None))))
             else:
-                add(m.register_forward_hook(self._act_output_hook(j, act)))
+                add(m.register_forward_hook(wrap(self._act_output_hook(j, act))))
 
     def remove(self) -> None:
         for h in self._step_handles:
@@ -113,31 +150,33 @@ class StepHooks:
             y = output_tensor(out)
             if step is None or y is None or not y.requires_grad:
                 return None
+            calls, active = step.grad[i], self._active
 
             def on_grad(g):
-                if self._active():
-                    step.grad[i].append(norms([g.detach()])[0])
-            y.register_hook(on_grad)
+                if active():
+                    with torch.no_grad(), torch._C.DisableTorchFunction():
+                        calls.append(_norm(g.detach()))
+            y.register_hook(self._wrap(on_grad))
             return None
         return hook
 
-    def _input_stats(self, step: Step, j: int, act: _acts.Activation, x: torch.Tensor) -> None:
+    @staticmethod
+    def _input_stats(step: Step, j: int, act: _acts.Activation, x: torch.Tensor) -> None:
         # Only floating-point ops: on the CPU, comparisons producing booleans are several times slower.
-        with torch.no_grad():
-            d = act.derivative(x.detach())
-            below = (_acts.SATURATION_THRESHOLD * act.gamma - d).sign_().clamp_min_(0).sum()  # count of d < thr
-            step.sat[j].append((below, d.numel()))
-            flat = d.reshape(x.shape[0], -1) if x.dim() > 1 else d.reshape(-1, 1)
-            peak = flat.abs().amax(0)   # max |phi'| of each unit (10x faster than an inf-norm over dim 0)
-            prev = step.alive[j]
-            step.alive[j] = peak if prev is None else \
-                (torch.maximum(prev, peak) if prev.shape == peak.shape else prev)
+        d = act.derivative(x.detach())
+        below = (_acts.SATURATION_THRESHOLD * act.gamma - d).sign_().clamp_min_(0).sum()  # count of d < thr
+        step.sat[j].append((_value(below), d.numel()))
+        flat = d.reshape(x.shape[0], -1) if x.dim() > 1 else d.reshape(-1, 1)
+        peak = flat.abs().amax(0)   # max |phi'| of each unit (10x faster than an inf-norm over dim 0)
+        prev = step.alive[j]
+        step.alive[j] = peak if prev is None else (torch.maximum(prev, peak) if prev.shape == peak.shape else prev)
 
     def _act_input_hook(self, j: int, act: _acts.Activation):
         def hook(module, args):
             step = self._current()
             if step is not None and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
-                self._input_stats(step, j, act, args[0])
+                with torch.no_grad(), torch._C.DisableTorchFunction():
+                    self._input_stats(step, j, act, args[0])
             return None
         return hook
 
@@ -147,14 +186,49 @@ class StepHooks:
             y = output_tensor(out)
             if step is None or y is None or not torch.is_grad_enabled():   # not an evaluation pass
                 return None
-            if act is not None and args and isinstance(args[0], torch.Tensor):
-                self._input_stats(step, j, act, args[0])
-            with torch.no_grad():   # two passes, exact; several times faster than torch.var_mean here
-                y = y.detach()
+            with torch.no_grad(), torch._C.DisableTorchFunction():
+                if act is not None and args and isinstance(args[0], torch.Tensor):
+                    self._input_stats(step, j, act, args[0])
+                y = y.detach()   # two passes, exact; several times faster than torch.var_mean here
                 mean = y.mean()
-                step.out[j].append((y.numel(), mean, torch.linalg.vector_norm(y - mean) ** 2 / y.numel()))
+                step.out[j].append((y.numel(), _value(mean), _value(torch.linalg.vector_norm(y - mean))))
             return None
         return hook
+
+
+class Updates:
+    """The update:weight ratio ||W_after - W_before|| / ||W_before|| of each layer for one optimizer step,
+    from the optimizer's actual update: :meth:`keep` copies ``weights`` (each layer's weight tensors,
+    ``owner[k]`` the layer of tensor k) before the step, into buffers kept between steps; :meth:`ratio`
+    after it. Under FSDP each rank copies its shards and the norms are summed over ranks."""
+
+    def __init__(self, weights: list[torch.Tensor], owner: list[int], n_layers: int):
+        self.weights, self.owner, self.n_layers = weights, owner, n_layers
+        self._buffers: list[torch.Tensor] | None = None
+        self._weight_sq: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self._weight_sq is not None
+
+    def keep(self) -> None:
+        weights = [p.detach() for p in self.weights]
+        local = [dist.local(w) for w in weights]
+        if self._buffers is None:   # kept between steps: no allocation per step
+            self._buffers = [torch.empty_like(w) for w in local]
+        torch._foreach_copy_(self._buffers, local)
+        self._weight_sq = dist.squared_norms(weights)
+
+    def ratio(self) -> torch.Tensor:
+        """(L,) ratios of the step that ran since :meth:`keep`."""
+        torch._foreach_sub_(self._buffers, [dist.local(p.detach()) for p in self.weights])
+        sq = dist.squared_norms(self._buffers, [dist.is_sharded(p) for p in self.weights])
+        if self._index is None or self._index.device != sq.device:
+            self._index = torch.tensor(self.owner, device=sq.device)
+        per_layer = [sq.new_zeros(self.n_layers).index_add_(0, self._index, s) for s in (sq, self._weight_sq)]
+        self._weight_sq = None
+        return (per_layer[0] / per_layer[1].clamp_min(1e-300)).sqrt()
 
 
 @dataclass

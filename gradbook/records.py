@@ -169,8 +169,8 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     if tensors[0].device.type != "cpu":
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
     raw = torch._foreach_norm(tensors)
-    out = (torch.stack(raw) if len({n.dtype for n in raw}) == 1 else torch.stack([n.double() for n in raw])).double()
-    for i in torch.nonzero((out < lo) | (out > hi) | ~torch.isfinite(out)).flatten().tolist():
-        if tensors[i].dtype != torch.float64:
-            out[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
-    return out
+    values = (torch.stack(raw) if len({n.dtype for n in raw}) == 1 else torch.stack([n.double() for n in raw])).tolist()
+    for i, v in enumerate(values):   # checked on the host: no tensor operation per check
+        if not lo <= v <= hi and tensors[i].dtype != torch.float64:
+            values[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).item()
+    return torch.tensor(values, dtype=torch.float64)

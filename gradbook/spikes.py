@@ -109,31 +109,43 @@ class Detector:
     """Spikes of the loss and of the total gradient norm, and which layers jumped, over recorded steps.
 
     ``check(step, grad_norm, loss, layer_norms, update_ratio)`` takes one recorded step's numbers (``loss``
-    NaN when none was logged, ``update_ratio`` None without an optimizer) and returns the spikes found at
-    that step (an empty list on a healthy step).
+    NaN when none was logged, ``update_ratio`` None without an optimizer, or when it is known only later:
+    then :meth:`add_ratio`) and returns the spikes found at that step (an empty list on a healthy step).
     """
 
     def __init__(self, layers: list[str], window: int = WINDOW, threshold: float = THRESHOLD):
         self.layers = list(layers)
-        self.grad_norm, self.loss = Rolling(window, threshold), Rolling(window, threshold)
-        self.per_layer = Rolling(window, threshold, len(layers))
+        # column 0 the total gradient norm, then each layer's: one rolling window for all of them
+        self.norms, self.loss = Rolling(window, threshold, 1 + len(layers)), Rolling(window, threshold)
         self.ratios = np.full((window, len(layers)), np.nan)
         self.n_ratios = 0
 
     def check(self, step: int, grad_norm: float, loss: float, layer_norms, update_ratio=None) -> list[Spike]:
-        z_layer = self.per_layer.update(layer_norms, step)
+        z_all = self.norms.update(np.concatenate([[grad_norm], np.asarray(layer_norms, dtype=float)]), step)
         found = []
-        for name, roll, value in (("loss", self.loss, loss), ("grad_norm", self.grad_norm, grad_norm)):
-            if name == "loss" and np.isnan(value):
-                continue
-            z = roll.update([value], step)[0]
-            if roll.since[0] == step:   # the run above the threshold starts here: one alarm per run
-                jumped = [i for i in np.argsort(-np.nan_to_num(z_layer, nan=-np.inf)) if self.per_layer.since[i] >= 0]
-                jumped.sort(key=lambda i: self.per_layer.since[i])   # stable: by size within a step
-                before = np.nanmedian(self.ratios[:self.n_ratios], 0) if self.n_ratios else None
-                found.append(Spike(step, name, float(value), float(roll.mean[0]), float(roll.std[0]), float(z),
-                                   [self.layers[i] for i in jumped], update_ratio, before))
-        if update_ratio is not None and np.isfinite(update_ratio).all():
+        if not np.isnan(loss):
+            z = self.loss.update([loss], step)[0]
+            if self.loss.since[0] == step:   # the run above the threshold starts here: one alarm per run
+                found.append(self._spike(step, "loss", loss, self.loss, z, z_all[1:]))
+        if self.norms.since[0] == step:
+            found.append(self._spike(step, "grad_norm", grad_norm, self.norms, z_all[0], z_all[1:]))
+        if update_ratio is not None:
+            self.add_ratio(update_ratio, found)
+        return found
+
+    def _spike(self, step: int, name: str, value: float, roll: Rolling, z: float, z_layer: np.ndarray) -> Spike:
+        since = self.norms.since[1:]
+        jumped = [i for i in np.argsort(-np.nan_to_num(z_layer, nan=-np.inf)) if since[i] >= 0]
+        jumped.sort(key=lambda i: since[i])   # stable: by size within a step
+        before = np.nanmedian(self.ratios[:self.n_ratios], 0) if self.n_ratios else None
+        return Spike(step, name, float(value), float(roll.mean[0]), float(roll.std[0]), float(z),
+                     [self.layers[i] for i in jumped], None, before)
+
+    def add_ratio(self, update_ratio, spikes=()) -> None:
+        """The update ratio of the step just checked (known only after its update): handed to that step's
+        ``spikes`` and kept for the window's median."""
+        for s in spikes:
+            s.update_ratio = update_ratio
+        if np.isfinite(update_ratio).all():
             self.ratios[self.n_ratios % len(self.ratios)] = update_ratio
             self.n_ratios += 1
-        return found
