@@ -34,9 +34,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import activations as _acts
+from .attention import entropy
 from .records import layers, norms, output_tensors
 
-__all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_weights", "FUNCTIONAL", "INIT_GAINS"]
+__all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_extremes", "FUNCTIONAL", "INIT_GAINS"]
 
 #: Names of the torch functions counted as nonlinearities when called outside an activation module.
 FUNCTIONAL = {"sigmoid", "sigmoid_", "tanh", "tanh_", "relu", "relu_", "relu6", "gelu", "silu", "elu", "elu_",
@@ -162,13 +163,12 @@ def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: tor
     return float(logits.abs().max())
 
 
-def attention_weights(logits: torch.Tensor, weights: torch.Tensor) -> tuple[float, float]:
-    """The largest finite ``|logit|`` and the smallest mean entropy (nats) over heads of attention
-    ``weights`` (batch, heads, queries, keys) = softmax(``logits``) over the keys (a masked key, whose
-    weight is 0, adds nothing: ``torch.special.entr(0) = 0``)."""
+def attention_extremes(logits: torch.Tensor) -> tuple[float, float]:
+    """The largest finite ``|logit|`` of attention ``logits`` (batch, heads, queries, keys), and the smallest
+    mean entropy (nats) over heads of the attention weights softmax(``logits``), from
+    :func:`gradbook.attention.entropy` (a masked key, logit ``-inf``, adds nothing)."""
     finite = logits.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)
-    entropy = torch.special.entr(weights.detach().float()).sum(-1)          # (batch, heads, queries)
-    return float(finite.max()), float(entropy.mean(dim=(0, 2)).min())
+    return float(finite.max()), float(entropy(logits).mean(dim=(0, 2)).min())
 
 
 class observe(TorchFunctionMode):
@@ -227,16 +227,16 @@ class observe(TorchFunctionMode):
     def _post(self, mod, args, out):
         self._inside -= 1
 
-    def _attention(self, logits: torch.Tensor, weights: torch.Tensor) -> None:
-        """Fold one attention's logits and weights (batch, heads, queries, keys) into the make-up."""
+    def _attention(self, logits: torch.Tensor) -> None:
+        """Fold one attention's logits (batch, heads, queries, keys) into the make-up."""
         self._inside += 1
         try:
-            logit, entropy = attention_weights(logits, weights)
+            logit, least = attention_extremes(logits)
         finally:
             self._inside -= 1
         m = self.makeup
         m.attention_logit = max(logit, m.attention_logit or 0.0)
-        m.attention_entropy = entropy if m.attention_entropy is None else min(entropy, m.attention_entropy)
+        m.attention_entropy = least if m.attention_entropy is None else min(least, m.attention_entropy)
 
     def _sdpa_logits(self, q, k, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
         """The logits F.scaled_dot_product_attention computes inside: q k^T scale, masked."""
@@ -258,9 +258,7 @@ class observe(TorchFunctionMode):
             self.makeup.functional[name] = self.makeup.functional.get(name, 0) + 1
         elif name in _SOFTMAX and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 \
                 and kwargs.get("dim", args[1] if len(args) > 1 else None) in (-1, 3):
-            out = func(*args, **kwargs)   # a softmax over the keys of (batch, heads, queries, keys) logits
-            self._attention(args[0], out)
-            return out
+            self._attention(args[0])   # a softmax over the keys of (batch, heads, queries, keys) logits
         elif name == "scaled_dot_product_attention" and len(args) >= 3 and args[0].dim() == 4:
             self._inside += 1
             try:
@@ -268,7 +266,7 @@ class observe(TorchFunctionMode):
                                            **dict(zip(["attn_mask", "dropout_p", "is_causal", "scale"], args[3:])))
             finally:
                 self._inside -= 1
-            self._attention(logits, torch.softmax(logits.detach(), dim=-1))
+            self._attention(logits)
         elif name in _NORM_FUNCTIONS:   # its input, like a module's, can be the skip path of a residual
             if args and isinstance(args[0], torch.Tensor):
                 self._inputs[id(args[0])] = args[0]
