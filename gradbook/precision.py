@@ -212,7 +212,8 @@ def skips(skipped, run: int = COLLAPSE_RUN) -> Skips:
     Healthy dynamic loss scaling skips isolated steps: the scale grows until a gradient overflows, halves,
     and the next step fits again. Every skip halves the scale, so ``run`` skips in a row mean the scale fell
     by ``2**run`` without a step being taken: the overflow is not in the scaled gradient but in the forward
-    pass or the unscaled gradient itself, and no scale can fix it. That is a *collapse*.
+    pass or the unscaled gradient itself, and no scale can fix it. That is a *collapse*. A trace recorded
+    with ``every > 1`` holds every ``every``-th step, and the run counts recorded steps.
     """
     run = positive_int("run", run)
     values = getattr(skipped, "skipped", skipped)
