@@ -6,6 +6,7 @@ What the steps become: a :class:`WatchTrace`, and for each exporter a :class:`St
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -45,6 +46,21 @@ def _value(t: torch.Tensor):
     """A one-element statistic: a Python float on the CPU (where reading it costs nothing), else the tensor
     (read later, with the step's other tensors, in one transfer)."""
     return t.item() if t.device.type == "cpu" else t
+
+
+def _moments(y: torch.Tensor) -> tuple:
+    """(mean, ||y - mean||) over all entries of ``y``, exact to float rounding. On the CPU, in float32 or
+    float64, from one pass (the sum and the norm, no temporary) when that loses no accuracy (the variance is
+    at least a quarter of the mean square, so subtracting the squared mean cancels less than 2 bits); else,
+    and elsewhere, from two passes."""
+    if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
+        n = y.numel()
+        mean, square = y.sum().item() / n, torch.linalg.vector_norm(y).item() ** 2 / n
+        var = square - mean * mean
+        if var >= 0.25 * square and math.isfinite(var):
+            return mean, math.sqrt(var * n)
+    mean = y.mean()
+    return _value(mean), _value(torch.linalg.vector_norm(y - mean))
 
 
 def _norm(g: torch.Tensor):
@@ -133,7 +149,7 @@ class StepHooks:
         for i, (_, m) in enumerate(self._layers):
             add(m.register_forward_hook(wrap(self._layer_hook(i))))
         for j, (_, m, act) in enumerate(self._acts):
-            if getattr(m, "inplace", False):   # its input is overwritten: read it before the forward
+            if getattr(m, "inplace", False) and act.name != "relu":   # its input is overwritten: read it before
                 add(m.register_forward_pre_hook(wrap(self._act_input_hook(j, act))))
                 add(m.register_forward_hook(wrap(self._act_output_hook(j, None))))
             else:
@@ -166,10 +182,23 @@ class StepHooks:
         d = act.derivative(x.detach())
         below = (_acts.SATURATION_THRESHOLD * act.gamma - d).sign_().clamp_min_(0).sum()  # count of d < thr
         step.sat[j].append((_value(below), d.numel()))
-        flat = d.reshape(x.shape[0], -1) if x.dim() > 1 else d.reshape(-1, 1)
-        peak = flat.abs().amax(0)   # max |phi'| of each unit (10x faster than an inf-norm over dim 0)
+        StepHooks._keep_peak(step, j, d.abs())
+
+    @staticmethod
+    def _keep_peak(step: Step, j: int, d: torch.Tensor) -> None:
+        """Keep the largest |phi'| of each unit (``d``, non-negative) over the batch, and over calls."""
+        peak = (d.reshape(d.shape[0], -1) if d.dim() > 1 else d.reshape(-1, 1)).amax(0)  # 10x faster than an inf-norm
         prev = step.alive[j]
         step.alive[j] = peak if prev is None else (torch.maximum(prev, peak) if prev.shape == peak.shape else prev)
+
+    @staticmethod
+    def _relu_stats(step: Step, j: int, y: torch.Tensor) -> None:
+        """ReLU's saturation and dead units read from its output y = max(x, 0): phi'(x) = 1 where y > 0 and 0
+        elsewhere, so the count below the threshold is the count of zeros and a unit is dead where y is 0
+        for every example (two kernels fewer than from the input, and right for ``inplace=True``)."""
+        positive = y.sign().sum()
+        step.sat[j].append((y.numel() - _value(positive), y.numel()))
+        StepHooks._keep_peak(step, j, y)
 
     def _act_input_hook(self, j: int, act: _acts.Activation):
         def hook(module, args):
@@ -181,17 +210,20 @@ class StepHooks:
         return hook
 
     def _act_output_hook(self, j: int, act: _acts.Activation | None):
+        relu = act is not None and act.name == "relu"
+
         def hook(module, args, out):
             step = self._current()
             y = output_tensor(out)
             if step is None or y is None or not torch.is_grad_enabled():   # not an evaluation pass
                 return None
             with torch.no_grad(), torch._C.DisableTorchFunction():
-                if act is not None and args and isinstance(args[0], torch.Tensor):
+                y = y.detach()
+                if relu:
+                    self._relu_stats(step, j, y)
+                elif act is not None and args and isinstance(args[0], torch.Tensor):
                     self._input_stats(step, j, act, args[0])
-                y = y.detach()   # two passes, exact; several times faster than torch.var_mean here
-                mean = y.mean()
-                step.out[j].append((y.numel(), _value(mean), _value(torch.linalg.vector_norm(y - mean))))
+                step.out[j].append((y.numel(), *_moments(y)))
             return None
         return hook
 
