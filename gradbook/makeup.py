@@ -71,6 +71,7 @@ class Makeup:
     attention_logit: float | None = None  # largest |q.k|/sqrt(d_head) over the attention modules
     attention_entropy: float | None = None   # smallest mean entropy (nats) of one head's attention weights
     post_norm: int = 0                    # residual additions whose skip path is a normalization's output
+    low_precision: list[str] = field(default_factory=list)   # trainable parameters stored in 16 bits or fewer
 
     @property
     def post_ln(self) -> bool:
@@ -144,7 +145,9 @@ def describe(model: nn.Module) -> Makeup:
         norms=[n for n, m in named if isinstance(m, _NORMS)],
         activation_types={type(m).__name__ for n, m in named if n in known},
         unknown_activations=unknown,
-        init_gain=_init_gains(model))
+        init_gain=_init_gains(model),
+        low_precision=[n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
+                       and torch.finfo(p.dtype).bits <= 16])
 
 
 def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:

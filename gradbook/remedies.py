@@ -74,6 +74,7 @@ class Facts:
     init: str | None = None  # the named initialization the layers match ("he", "xavier", "pytorch-default")
     post_ln: bool = False    # normalizations on the residual stream itself, LN(x + f(x)): post-LN blocks
     skips: Skips | None = None   # the steps AMP's GradScaler skipped in a watched window, if known
+    low_precision: tuple = ()    # trainable parameters stored in 16 bits or fewer
 
     @property
     def relu_like(self) -> bool:
@@ -103,7 +104,7 @@ def facts(diag, model: nn.Module, makeup: Makeup | None = None, skipped=()) -> F
                  time_vanishing=diag.depth_scales.get("time", 0.0) < -TRAINABLE_DEPTH_SCALES,
                  residual=m.residual > 0, attention=bool(m.attention) or m.attention_logit is not None,
                  attention_logit=m.attention_logit or 0.0, attention_entropy=m.attention_entropy, init=m.init, post_ln=m.post_ln,
-                 skips=skips(skipped) if len(skipped) else None)
+                 skips=skips(skipped) if len(skipped) else None, low_precision=tuple(m.low_precision))
 
 
 def _span(names: list) -> str:
@@ -191,6 +192,10 @@ RULES = [
          "or train in bfloat16",
          lambda f: f"{f.skips}: the loss scale halved {f.skips.longest_run} times in a row, so the gradients "
                    "overflow at any scale", "precision"),
+    Rule("caution", lambda f: bool(f.low_precision),
+         "keep the weights in float32 (train under torch.autocast, or let the optimizer update a float32 copy)",
+         lambda f: f"{len(f.low_precision)} trainable parameter(s) are stored in 16 bits ({_span(list(f.low_precision))}): "
+                   "an update smaller than half a unit in the last place of a weight is rounded away", "precision"),
     Rule("caution", lambda f: f.post_ln,
          "warm the learning rate up over the first steps (gb.fit(..., warmup=...)), or normalize before each "
          "block (pre-LN)",

@@ -176,3 +176,14 @@ def test_a_diagnosis_of_a_watched_window_reads_a_collapsed_loss_scale():
     assert gb.diagnosis.from_trace(model, trace).cautions == []
     trace.skipped = np.arange(20) >= 2           # ... and then every step: halved 18 times in a row
     assert [r.topic for r in gb.diagnosis.from_trace(model, trace).cautions] == ["precision"]
+
+
+def test_weights_stored_in_bfloat16_get_a_master_weights_caution():
+    torch.manual_seed(0)
+    model = gb.mlp(4, 16, in_dim=8, out_dim=2)
+    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    assert gb.diagnose(model, x, y).cautions == []
+    model = model.to(torch.bfloat16)
+    d = gb.diagnose(model, x.bfloat16(), y.bfloat16())
+    assert d.makeup.low_precision and [r.topic for r in d.cautions] == ["precision"]
+    assert "float32" in d.cautions[0].action and "16 bits" in d.cautions[0].reason
