@@ -13,7 +13,7 @@ order-to-chaos transition (sigma_w^2 = 1.76) do very deep ones train. Ours, smal
 * the training: ``steps`` steps of SGD with momentum 0.9, learning rate 0.005, batches of 64, for every
   cell alike (one network per cell, seeded by the cell);
 * the curves: six times the depth scale of correlations, xi_c = -1 / ln chi_c, where chi_c is the slope of
-  the correlation map at its stable fixed point c* (their equations 8-9):
+  the correlation map at its stable fixed point c*:
   c_l = [sigma_w^2 E(phi(u1) phi(u2)) + sigma_b^2] / q*, u1 = sqrt(q*) z1, u2 = sqrt(q*)(c z1 + sqrt(1 - c^2) z2),
   chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c = c*. In the ordered phase c* = 1 and xi_c equals the
   gradient's depth scale of ``gradbook.theory.depth_scale``; in the chaotic phase c* < 1 and xi_c is longer.
@@ -75,7 +75,7 @@ def train_accuracy(config, sw2: float, depth: int, seed: int) -> float:
 
 
 def six_xi_c(activation: str, sw2: float, sb2: float, nodes: int = 80) -> float:
-    """6 xi_c by Gauss-Hermite quadrature in two dimensions (Schoenholz et al. 2017, eqs. 8-9)."""
+    """6 xi_c by Gauss-Hermite quadrature in two dimensions (Schoenholz et al. 2017)."""
     z, w = np.polynomial.hermite_e.hermegauss(nodes)
     z1, z2 = np.meshgrid(z, z, indexing="ij")
     weight = np.outer(w, w) / w.sum() ** 2
