@@ -87,9 +87,12 @@ def _weight_grad_norms(named) -> torch.Tensor:
     return torch.stack([r.cpu() for r in rows]) if rows else torch.zeros(0, dtype=torch.float64)
 
 
-def _forward_backward(model, inputs, targets, loss_fn, *, autocast=None, seen=None) -> tuple[torch.Tensor, float]:
-    """One checked forward and backward pass that leaves no ``.grad`` behind: each layer's ||dL/dW|| and
-    the loss. ``autocast``: the dtype of the forward pass under ``torch.autocast`` (no loss scaling)."""
+def _forward_backward(model, inputs, targets, loss_fn, probe: watch, *, autocast=None, seen=None) -> tuple[Snapshot, float]:
+    """One checked forward and backward pass under ``probe`` (a :class:`gradbook.watch.watch` attached to
+    ``model``) that leaves no ``.grad`` behind: its :class:`Snapshot`, whose ``weight_grad_norm`` the
+    probe read from ``.grad`` when the pass ended (0 for a layer that received none, and for every layer
+    when the loss is not finite: no backward pass), and the loss. ``autocast``: the dtype of the forward
+    pass under ``torch.autocast`` (no loss scaling)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: there is no gradient to measure")
@@ -103,7 +106,10 @@ def _forward_backward(model, inputs, targets, loss_fn, *, autocast=None, seen=No
         value = float(loss.detach())
         if np.isfinite(value):
             loss.backward()
-        return _weight_grad_norms(layers(model)), value
+        snap = probe.trace[-1]
+        if not np.isfinite(value) or np.isnan(snap.weight_grad_norm).all():   # no backward pass was read
+            snap.weight_grad_norm = _weight_grad_norms(layers(model)).numpy()
+        return snap, value
     finally:
         for p, g in zip(params, saved):
             p.grad = g
@@ -120,9 +126,7 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
     model = eager(model)
     check_batch(inputs, targets, default_loss=loss_fn is None)
     with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level, all_ranks=True) as w:
-        wgrad, _ = _forward_backward(model, inputs, targets, loss_fn)
-    snap = w.trace[-1]
-    snap.weight_grad_norm = wgrad.numpy()
+        snap, _ = _forward_backward(model, inputs, targets, loss_fn, w)
     return snap
 
 
@@ -170,12 +174,10 @@ def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     seen = observe(model)
     try:
         with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True) as w:
-            wgrad, loss = _forward_backward(model, inputs, targets, loss_fn, autocast=autocast, seen=seen)
+            snap, loss = _forward_backward(model, inputs, targets, loss_fn, w, autocast=autocast, seen=seen)
     finally:
         if handle is not None:
             handle.remove()
-    snap = w.trace[-1]
-    snap.weight_grad_norm = wgrad.numpy()
     return Evidence(snap, seen.makeup, loss, got[0] if got else None)
 
 

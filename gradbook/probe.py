@@ -109,9 +109,12 @@ class Step:
             weight[:] = next(values)
         for i, calls in enumerate(self.grad):
             if calls:   # a module called several times: the norm of all its calls together
-                grad[i] = np.sqrt(sum(number(c) ** 2 for c in calls))
+                grad[i] = number(calls[0]) if len(calls) == 1 else np.sqrt(sum(number(c) ** 2 for c in calls))
         for j, calls in enumerate(self.out):
-            if calls:   # exact mean and variance of all calls from each call's own (parallel algorithm)
+            if len(calls) == 1:
+                n, m, d = calls[0]
+                act[0, j], act[1, j] = number(m), number(d) / math.sqrt(n)
+            elif calls:   # exact mean and variance of all calls from each call's own (parallel algorithm)
                 n = np.array([c[0] for c in calls], dtype=float)
                 mv = np.array([[number(m), number(d)] for _, m, d in calls])
                 mean, var = (n * mv[:, 0]).sum() / n.sum(), mv[:, 1] ** 2 / n
