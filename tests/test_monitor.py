@@ -357,3 +357,37 @@ def test_watch_reads_the_gradient_whatever_output_carries_it(model_cls):
     trace = w.trace
     assert len(trace) == 3
     np.testing.assert_allclose(trace.weight_grad_norm[-1], expected, rtol=1e-6)
+
+
+def test_a_compiled_model_is_watched_without_recompiling_and_with_eager_numbers():
+    """torch.compile'd: the watch's hooks are never traced into the graph (compiled once, at the first step,
+    not again as recorded and unrecorded steps alternate) and every field equals the eager model's."""
+    gb.setup(0, style=False)
+    compiles = []
+
+    def backend(gm, example_inputs):   # counts the graphs dynamo compiles; runs them as traced
+        compiles.append(1)
+        return gm.forward
+    torch._dynamo.reset()
+    net = gb.mlp(depth=3, width=16, activation="tanh", in_dim=8, out_dim=4)
+    ref = gb.mlp(depth=3, width=16, activation="tanh", in_dim=8, out_dim=4)
+    ref.load_state_dict(net.state_dict())
+    x, y = torch.randn(8, 8), torch.randn(8, 4)
+    traces, counts = [], []
+    for model, params in ((torch.compile(net, backend=backend), net.parameters()), (ref, ref.parameters())):
+        opt = torch.optim.SGD(params, lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with gb.watch(model, optimizer=opt, level="full", every=2) as w:
+                for _ in range(8):
+                    opt.zero_grad()
+                    loss = nn.functional.mse_loss(model(x), y)
+                    loss.backward()
+                    w.log_loss(loss)
+                    opt.step()
+                    counts.append(len(compiles))
+        assert not [c for c in caught if "gradbook" in c.filename], [str(c.message) for c in caught]
+        traces.append(w.trace)
+    assert counts[0] > 0 and counts[1:8] == [counts[0]] * 7, counts[:8]
+    for k in ["weight_grad_norm", "grad_norm", "act_mean", "act_std", "saturated", "dead", "update_ratio", "loss"]:
+        np.testing.assert_allclose(getattr(traces[0], k), getattr(traces[1], k), rtol=1e-5, err_msg=k)
