@@ -1,18 +1,30 @@
-"""Small models with a known answer, for seeing a phenomenon in two dimensions.
+"""Small models with a known answer, for seeing a phenomenon in two dimensions or in closed form.
 
 :func:`cliff` is the one-unit recurrent network of Pascanu, Mikolov & Bengio (2013, fig. 6) whose loss
 surface has a "cliff": a wall where the loss changes abruptly and the gradient is enormous;
 :func:`descend` runs gradient descent on it, with or without clipping.
+
+:func:`whitened` and :func:`learning_time` are the deep linear networks of Saxe, McClelland & Ganguli
+(2014): on whitened inputs the squared error of a product of weight matrices depends on the data only
+through the input-target correlation, so full-batch gradient descent runs exactly and fast; the learning
+time is the number of steps to a given fraction of the way to the least-squares optimum.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ._checks import choice, positive_int
 
-__all__ = ["cliff", "cliff_wall", "descend", "Descent", "CLIP_MODES"]
+__all__ = ["cliff", "cliff_wall", "descend", "Descent", "CLIP_MODES", "Whitened", "whitened", "linear_chain",
+           "steps_to_target", "learning_time", "LINEAR_INITS"]
+
+#: The initializations of :func:`linear_chain`: scaled Gaussian (variance 1/fan_in) or random orthogonal.
+LINEAR_INITS = ["gaussian", "orthogonal"]
 
 
 def _sigmoid(x):
@@ -146,3 +158,93 @@ def cliff_wall(w: float, b_low: float, b_high: float, steps: int = 50, x0: float
     if steepness < 100 * abs(x_hi - x_lo) / (float(b_high) - float(b_low)):   # no steeper than on average
         raise ValueError(f"no wall between b = {b_low} and b = {b_high}: the final state changes smoothly")
     return wall
+
+
+@dataclass(frozen=True)
+class Whitened:
+    """A least-squares problem on whitened inputs (x^T x / n = I), by its second moments: ``syx`` (targets
+    by inputs), ``syy`` (mean squared target norm); ``loss_zero`` and ``loss_best``: half the mean squared
+    error of the zero map and of the optimum ``syx``."""
+
+    syx: torch.Tensor
+    syy: float
+    loss_zero: float
+    loss_best: float
+
+    @property
+    def dim(self) -> int:
+        return self.syx.shape[1]
+
+    def loss(self, product: torch.Tensor) -> torch.Tensor:
+        """Half the mean squared error of the linear map ``product`` (out x dim), exactly:
+        (|M|^2 - 2 tr(syx^T M) + syy) / 2, since the inputs are white."""
+        return 0.5 * ((product * product).sum() - 2 * (self.syx * product).sum() + self.syy)
+
+    def target(self, fraction: float) -> float:
+        """The loss ``fraction`` of the way from the zero map's to the optimum's."""
+        return self.loss_zero - fraction * (self.loss_zero - self.loss_best)
+
+
+def whitened(task, variance_floor: float = 1e-3) -> Whitened:
+    """A classification task's inputs, centred and whitened (keeping the directions whose variance is above
+    ``variance_floor`` times the largest), against its centred one-hot labels, in float64."""
+    x = task.x_train.double()
+    y = torch.nn.functional.one_hot(task.y_train, task.out_dim).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+    keep = evals > variance_floor * evals.max()
+    x = x @ evecs[:, keep] / evals[keep].sqrt()
+    syx, syy = y.T @ x / len(x), float((y * y).sum(1).mean())
+    return Whitened(syx, syy, 0.5 * syy, float(0.5 * (syy - (syx * syx).sum())))
+
+
+def linear_chain(kind: str, depth: int, dim: int, out_dim: int, generator: torch.Generator | None = None) -> list:
+    """``depth`` float64 weight matrices dim -> dim -> ... -> dim -> out_dim, scaled Gaussian (variance
+    1/fan_in) or random orthogonal (``torch.nn.init.orthogonal_``), as Saxe et al. (2014) compare them."""
+    choice("kind", kind, LINEAR_INITS)
+    dims = [dim] * positive_int("depth", depth) + [out_dim]
+    weights = []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        w = torch.empty(fan_out, fan_in, dtype=torch.float64)
+        if kind == "gaussian":
+            w.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+        else:
+            torch.nn.init.orthogonal_(w, generator=generator)
+        weights.append(w)
+    return weights
+
+
+def steps_to_target(weights: list, lr: float, problem: Whitened, target: float, max_steps: int) -> int | None:
+    """Full-batch gradient descent on ``problem`` from ``weights`` (left untouched): the step at which the
+    loss first reaches ``target``, or None if not within ``max_steps`` or if the loss ever rises (which
+    gradient descent does only when the rate is too large)."""
+    weights = [w.clone().requires_grad_() for w in weights]
+    previous = math.inf
+    for step in range(max_steps + 1):
+        loss = problem.loss(functools.reduce(lambda acc, w: w @ acc, weights))
+        value = loss.item()
+        if not value <= previous:                  # rose, or not finite
+            return None
+        if value <= target:
+            return step
+        previous = value
+        if step < max_steps:
+            grads = torch.autograd.grad(loss, weights)
+            with torch.no_grad():
+                for w, g in zip(weights, grads):
+                    w -= lr * g
+    return None
+
+
+def learning_time(weights: list, problem: Whitened, fraction: float = 0.9, max_steps: int = 1000,
+                  learning_rates=tuple(2.0 ** -k for k in range(8))) -> tuple[int, float]:
+    """Saxe et al.'s learning time: the fewest steps to ``fraction`` of the way to the optimum over
+    ``learning_rates`` (tried in order; a later rate need only run as long as the best so far), and the
+    rate that took them; ``(max_steps, 0.0)`` if none gets there."""
+    target = problem.target(fraction)
+    fastest, fastest_lr = max_steps, 0.0
+    for lr in learning_rates:
+        steps = steps_to_target(weights, lr, problem, target, fastest)
+        if steps is not None and (steps < fastest or fastest_lr == 0.0):
+            fastest, fastest_lr = steps, lr
+    return fastest, fastest_lr

@@ -24,7 +24,6 @@ One entry per (initialization, depth, seed): [steps, best learning rate, 1 if le
 from __future__ import annotations
 
 import functools
-import math
 import sys
 
 import torch
@@ -44,56 +43,9 @@ CONFIG = {
 
 
 @functools.lru_cache(maxsize=None)
-def moments(variance_floor: float):
-    """Whitened inputs' and centred targets' second moments, the optimum's loss and the target loss."""
-    task = gb.data.digits()
-    x = task.x_train.double()
-    y = torch.nn.functional.one_hot(task.y_train, 10).double()
-    x, y = x - x.mean(0), y - y.mean(0)
-    n = len(x)
-    evals, evecs = torch.linalg.eigh(x.T @ x / n)
-    keep = evals > variance_floor * evals.max()
-    x = x @ evecs[:, keep] / evals[keep].sqrt()               # whitened: x^T x / n = I
-    syx, syy = y.T @ x / n, (y * y).sum(1).mean()
-    best = 0.5 * (syy - (syx * syx).sum())                     # loss of the least-squares map syx
-    return x.shape[1], syx, syy, float(best), float(0.5 * syy)
-
-
-def steps_to_learn(weights, lr: float, syx, syy, target: float, max_steps: int) -> int | None:
-    """Full-batch gradient descent on half the mean squared error (whitened inputs); the step at which the
-    loss first reaches ``target``, or None: not within ``max_steps``, or unstable (the loss rose from one
-    step to the next, which gradient descent does only when the rate is too large)."""
-    weights = [w.clone().requires_grad_() for w in weights]
-    previous = math.inf
-    for step in range(max_steps + 1):
-        product = functools.reduce(lambda acc, w: w @ acc, weights)
-        loss = 0.5 * ((product * product).sum() - 2 * (syx * product).sum() + syy)
-        value = loss.item()
-        if not value <= previous:                  # rose, or not finite
-            return None
-        previous = value
-        if value <= target:
-            return step
-        if step == max_steps:
-            return None
-        grads = torch.autograd.grad(loss, weights)
-        with torch.no_grad():
-            for w, g in zip(weights, grads):
-                w -= lr * g
-    return None
-
-
-def initial_weights(init: str, depth: int, dim: int, generator) -> list[torch.Tensor]:
-    dims = [dim] * depth + [10]
-    weights = []
-    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
-        w = torch.empty(fan_out, fan_in, dtype=torch.float64)
-        if init == "gaussian":
-            w.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
-        else:
-            torch.nn.init.orthogonal_(w, generator=generator)
-        weights.append(w)
-    return weights
+def problem(variance_floor: float) -> gb.toys.Whitened:
+    """The digits, whitened, against their centred one-hot labels (:func:`gradbook.toys.whitened`)."""
+    return gb.toys.whitened(gb.data.digits(), variance_floor)
 
 
 def keys(config):
@@ -103,16 +55,11 @@ def keys(config):
 
 def compute(config, key):
     init, depth, seed = key.split("/")
-    dim, syx, syy, best, zero = moments(config["variance_floor"])
-    target = zero - config["fraction"] * (zero - best)
+    p = problem(config["variance_floor"])
     generator = torch.Generator().manual_seed(seed_for("saxe2014", key))
-    weights = initial_weights(init, int(depth), dim, generator)
-    fastest, fastest_lr = config["max_steps"], 0.0
-    for lr in config["learning_rates"]:                  # a slower rate need only run as long as the fastest
-        steps = steps_to_learn(weights, lr, syx, syy, target, min(fastest, config["max_steps"]))
-        if steps is not None and (steps < fastest or fastest_lr == 0.0):
-            fastest, fastest_lr = steps, lr
-    return [fastest, fastest_lr, int(fastest_lr > 0)]
+    weights = gb.toys.linear_chain(init, int(depth), p.dim, p.syx.shape[0], generator)
+    steps, lr = gb.toys.learning_time(weights, p, config["fraction"], config["max_steps"], config["learning_rates"])
+    return [steps, lr, int(lr > 0)]
 
 
 if __name__ == "__main__":

@@ -93,3 +93,37 @@ def test_descend_rejects_bad_arguments_by_name():
         gb.toys.descend(6.0, -3.0, lr=-1.0)
     with pytest.raises(ValueError, match="threshold"):
         gb.toys.descend(6.0, -3.0, lr=1.0, mode="norm", threshold=0.0)
+
+
+def test_whitened_problem_matches_least_squares_on_the_data():
+    import torch
+
+    task = gb.data.digits()
+    p = gb.toys.whitened(task)
+    x = task.x_train.double() - task.x_train.double().mean(0)
+    y = torch.nn.functional.one_hot(task.y_train, 10).double()
+    y = y - y.mean(0)
+    evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+    keep = evals > 1e-3 * evals.max()
+    xw = x @ evecs[:, keep] / evals[keep].sqrt()
+    m = torch.randn(10, p.dim, dtype=torch.float64)
+    direct = 0.5 * ((xw @ m.T - y) ** 2).sum(1).mean()
+    assert torch.allclose(p.loss(m), direct)
+    optimum = torch.linalg.lstsq(xw, y).solution.T
+    assert abs(p.loss(optimum).item() - p.loss_best) < 1e-9 and p.loss_zero > p.loss_best > 0
+
+
+def test_orthogonal_chains_learn_in_few_steps_whatever_the_depth_and_gaussian_ones_slow_down():
+    import torch
+
+    p = gb.toys.whitened(gb.data.digits())
+    g = torch.Generator().manual_seed(0)
+    chain = gb.toys.linear_chain("orthogonal", 8, p.dim, 10, g)
+    assert all(torch.allclose(torch.linalg.svdvals(w), torch.ones(min(w.shape), dtype=torch.float64)) for w in chain)
+    orth = [gb.toys.learning_time(gb.toys.linear_chain("orthogonal", L, p.dim, 10, g), p)[0] for L in (2, 8)]
+    gauss = [gb.toys.learning_time(gb.toys.linear_chain("gaussian", L, p.dim, 10, g), p)[0] for L in (2, 8)]
+    assert max(orth) <= 12 and gauss[1] > 3 * gauss[0] and gauss[1] > 3 * orth[1], (orth, gauss)
+    steps, lr = gb.toys.learning_time(chain, p, max_steps=1, learning_rates=[1e-6])
+    assert (steps, lr) == (1, 0.0)                      # not reached: the cap and no rate
+    with pytest.raises(ValueError, match="kind"):
+        gb.toys.linear_chain("uniform", 2, 4, 2)
