@@ -25,11 +25,12 @@ def _layer_norms(net):
                      for _, m in gb.records.layers(net)])
 
 
-def _train(seed, steps=200, lr=0.05, lr_jump_at=None, corrupt_at=None, window=32, spikes=True, opt_name="sgd"):
+def _train(seed, steps=200, lr=0.05, lr_jump_at=None, corrupt_at=None, window=32, spikes=True, opt_name="sgd",
+           ratios=True):
     gb.setup(seed, style=False)
     task, net = gb.data.digits(), _net(seed)
     opt = (torch.optim.SGD if opt_name == "sgd" else torch.optim.Adam)(net.parameters(), lr=lr)
-    with gb.watch(net, optimizer=opt, level="norms", window=window, spikes=spikes) as w:
+    with gb.watch(net, optimizer=opt, level="norms", window=window, spikes=spikes, ratios=ratios) as w:
         for t in range(steps):
             x, y = task.batch(64)
             if t == corrupt_at:
@@ -94,6 +95,25 @@ def test_rolling_z_score_and_window_check():
     for bad in (1, 0):
         with pytest.raises(ValueError, match="window"):
             gb.watch(_net(), window=bad)
+
+
+def test_ratios_every_k_recorded_steps_and_at_each_spike():
+    """ratios=5: the update ratio on recorded steps 0, 5, 10, ... and on the step with a spike (read before its
+    update), each equal to the one every step computes; NaN elsewhere; the spike carries its step's ratio."""
+    every_step, sparse = _train(0, steps=120, corrupt_at=93), _train(0, steps=120, corrupt_at=93, ratios=5)
+    spike_steps = {s.step for s in sparse.spikes}
+    assert 93 in spike_steps and [s.step for s in sparse.spikes] == [s.step for s in every_step.spikes]
+    taken = np.isfinite(sparse.update_ratio).all(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(taken), sorted(set(range(0, 120, 5)) | spike_steps))
+    assert np.isnan(sparse.update_ratio[~taken]).all()
+    np.testing.assert_allclose(sparse.update_ratio[taken], every_step.update_ratio[taken], rtol=1e-6)
+    np.testing.assert_allclose(sparse.weight_grad_norm, every_step.weight_grad_norm, rtol=1e-6)
+    spike = sparse.spikes[0]
+    np.testing.assert_allclose(spike.update_ratio, sparse.update_ratio[spike.step])
+    assert spike.update_ratio_before is not None
+    for bad in (-1, 0.5, "5"):
+        with pytest.raises(ValueError, match="ratios"):
+            gb.watch(_net(), ratios=bad)
 
 
 def test_update_ratio_is_the_optimizers_actual_step_not_the_gradient():
