@@ -7,10 +7,11 @@
     python benchmarks/run.py --watch-ddp  # (b') (b) under DistributedDataParallel, 2 CPU processes
 
 (b) uses 20 Linear(256, 256) + ReLU layers, batch 128, one math thread, and times the arms interleaved
-step by step (plain, watch(level="norms"), watch(level="full"), watch(level="full", every=10); each watch
-with its optimizer, spike detection, the loss logged and TensorBoard export), so that machine noise hits
-every arm alike; it reports the median step time of each, its ratio to plain, and the memory the monitor
-keeps per recorded step.
+step by step (plain; watch(level="norms") and watch(level="full") with the update ratio on every recorded
+step (the default), on every 10th (ratios=10) and, for "norms", on none; watch(level="full", every=10); each
+watch with its optimizer, spike detection, the loss logged and TensorBoard export), so that machine noise
+hits every arm alike; it reports the median step time of each, its ratio to plain, and the memory the
+monitor keeps per recorded step.
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ def _watch_arms(base, tmp):
 
     arms = {}
     for name, kwargs in [("plain", None), ("watch(level='norms')", dict(level="norms")),
+                         ("watch(level='norms', ratios=10)", dict(level="norms", ratios=10)),
                          ("watch(level='norms', ratios=False)", dict(level="norms", ratios=False)),
                          ("watch(level='full')", dict(level="full")),
+                         ("watch(level='full', ratios=10)", dict(level="full", ratios=10)),
                          ("watch(level='full', every=10)", dict(level="full", every=10))]:
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -245,8 +248,10 @@ def watch_overhead_ddp(steps: int = 100, warmup: int = 10) -> None:
     x, y = torch.randn(64, 256), torch.randn(64, 256)   # each rank's half of a batch of 128
     arms = {}
     for name, kwargs in [("plain DDP", None), ("watch(level='norms')", dict(level="norms")),
+                         ("watch(level='norms', ratios=10)", dict(level="norms", ratios=10)),
                          ("watch(level='norms', ratios=False)", dict(level="norms", ratios=False)),
-                         ("watch(level='full')", dict(level="full"))]:
+                         ("watch(level='full')", dict(level="full")),
+                         ("watch(level='full', ratios=10)", dict(level="full", ratios=10))]:
         model = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         w = gb.watch(model, optimizer=opt, **kwargs).attach() if kwargs is not None else None
