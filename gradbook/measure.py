@@ -88,11 +88,9 @@ def _weight_grad_norms(named) -> torch.Tensor:
 
 
 def _forward_backward(model, inputs, targets, loss_fn, probe: watch, *, autocast=None, seen=None) -> tuple[Snapshot, float]:
-    """One checked forward and backward pass under ``probe`` (a :class:`gradbook.watch.watch` attached to
-    ``model``) that leaves no ``.grad`` behind: its :class:`Snapshot`, whose ``weight_grad_norm`` the
-    probe read from ``.grad`` when the pass ended (0 for a layer that received none, and for every layer
-    when the loss is not finite: no backward pass), and the loss. ``autocast``: the dtype of the forward
-    pass under ``torch.autocast`` (no loss scaling)."""
+    """One checked forward and backward pass under ``probe`` (a watch on ``model``) that leaves no ``.grad``
+    behind: its :class:`Snapshot` (``weight_grad_norm`` read by the probe as the pass ended; 0 without a
+    backward pass) and the loss. ``autocast``: the forward pass's dtype under ``torch.autocast``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: there is no gradient to measure")

@@ -19,7 +19,7 @@ from . import distributed as dist
 from .records import SAFE_RANGE, Trace, norms, output_tensor
 from .spikes import Spike
 
-__all__ = ["Step", "StepHooks", "Updates", "to_numpy", "WatchTrace", "StepRecord"]
+__all__ = ["Step", "StepHooks", "GradNorms", "Updates", "to_numpy", "WatchTrace", "StepRecord"]
 
 
 def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
@@ -229,6 +229,52 @@ class StepHooks:
                 step.out[j].append((y.numel(), *_moments(y)))
             return None
         return hook
+
+
+#: Gradients in no layer up to this many entries are measured together by :class:`GradNorms`.
+SMALL = 1 << 16
+
+
+class GradNorms:
+    """The total norm and each layer's norm of a list of gradients (None for a parameter without one), from
+    one pass: ``owner[k]`` is the layer of gradient k (-1: in no layer, such as a bias). Small gradients in
+    no layer (up to ``SMALL`` entries) count only in the total, so they are measured together, one norm of
+    all of them, not one by one (on a CPU each norm costs microseconds however small its tensor).
+    Returns (total of shape (1,), per-layer norms of shape (L,)), float64 tensors, or None without gradients.
+    """
+
+    def __init__(self, owner: list[int], n_layers: int):
+        self.owner, self.n_layers = owner, n_layers
+        self._key = None
+
+    def _plan(self, grads: list, keep: list[int]) -> None:
+        alone = [k for k in keep if self.owner[k] >= 0 or dist.is_sharded(grads[k]) or grads[k].numel() > SMALL]
+        rest = [k for k in keep if k not in set(alone)]
+        kinds = {(grads[k].dtype, grads[k].device, grads[k].layout) for k in rest}
+        if len(kinds) > 1 or any(layout != torch.strided for _, _, layout in kinds):
+            alone, rest = keep, []
+        self._alone, self._rest = alone, rest
+        self._sharded = [dist.is_sharded(grads[k]) for k in alone] + [False] * bool(rest)
+        sums = torch.zeros(1 + self.n_layers, len(alone) + bool(rest), dtype=torch.float64, device=grads[keep[0]].device)
+        sums[0] = 1   # row 0: every gradient; row 1 + i: layer i's
+        for j, k in enumerate(alone):
+            if self.owner[k] >= 0:
+                sums[1 + self.owner[k], j] = 1
+        self._sums = sums
+
+    def __call__(self, grads: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+        keep = [k for k, g in enumerate(grads) if g is not None]
+        if not keep:
+            return None
+        key = (len(keep), grads[keep[0]].device)
+        if self._key != key or len(keep) != len(grads):   # kept while every gradient is present
+            self._plan(grads, keep)
+            self._key = key if len(keep) == len(grads) else None
+        tensors = [grads[k] for k in self._alone]
+        if self._rest:
+            tensors.append(torch.cat([grads[k].reshape(-1) for k in self._rest]))
+        sq = dist.squared_norms(tensors, self._sharded)
+        return (self._sums.to(sq.device) @ sq).sqrt_().split([1, self.n_layers])
 
 
 class Updates:

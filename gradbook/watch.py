@@ -30,7 +30,7 @@ from torch import nn
 
 from . import distributed as dist
 from ._checks import choice, positive_int
-from .probe import Step, StepHooks, StepRecord, Updates, WatchTrace, to_numpy
+from .probe import GradNorms, Step, StepHooks, StepRecord, Updates, WatchTrace, to_numpy
 from .records import ACTIVATION_FIELDS, activation_modules, eager, layers, output_tensors, weight_tensors
 from .spikes import THRESHOLD, WINDOW, Detector, SpikeWarning
 
@@ -123,7 +123,7 @@ class watch:
         self._updates = Updates(flat_weights, owner, len(self._layers))
         owned = {id(p): i for p, i in zip(flat_weights, owner)}
         self._params = [p for p in dict.fromkeys(self.model.parameters()) if p.requires_grad]
-        self._param_owner = [owned.get(id(p), -1) for p in self._params]
+        self._grad_norms = GradNorms([owned.get(id(p), -1) for p in self._params], len(self._layers))
         self._handles: list = []        # for the whole watch
         self._hooks = StepHooks(self._layers, self._acts, lambda: self._current, lambda: self._attached, compiled)
         self._compiled, self._found, self._losses = compiled, [], []
@@ -240,20 +240,9 @@ class watch:
     def _read(self, step: Step) -> None:
         """Norms of the gradients in ``.grad`` now: per layer (its weights) and in total (every parameter),
         from one pass over the gradients."""
-        grads = [p.grad for p in self._params]
-        keep = [k for k, g in enumerate(grads) if g is not None]
-        if not keep:
-            return
-        sq = dist.squared_norms([grads[k] for k in keep])
-        key = (len(keep), sq.device)
-        if getattr(self, "_read_key", None) != key or len(keep) != len(grads):   # cached when all are present
-            sums = torch.zeros(1 + len(self._layers), len(keep), dtype=sq.dtype, device=sq.device)
-            sums[0] = 1   # row 0: every parameter; row 1 + i: layer i's weights
-            for j, k in enumerate(keep):
-                if self._param_owner[k] >= 0:
-                    sums[1 + self._param_owner[k], j] = 1
-            self._read_key, self._sums = (key if len(keep) == len(grads) else None), sums
-        step.total, step.weight = (self._sums @ sq).sqrt_().split([1, len(self._layers)])
+        norms = self._grad_norms([p.grad for p in self._params])
+        if norms is not None:
+            step.total, step.weight = norms
 
     def _on_optimizer_step(self, optimizer, args, kwargs):
         self._open = True
