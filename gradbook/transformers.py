@@ -126,7 +126,8 @@ def transformer(vocab: int, context: int, depth: int = 2, width: int = 64, heads
     from N(0, 1/width), so each embedding vector has a norm near 1 and tied output logits start near
     unit variance. ``residual_scale`` multiplies the initial weights of each residual output projection
     (``attn.proj`` and ``fc2`` of every block): a number, or ``"gpt2"`` for 1/sqrt(2 * depth), GPT-2's
-    scaling by the number of residual layers (Radford et al. 2019). ``final_norm`` (a LayerNorm before
+    scaling by the number of residual layers (Radford et al. 2019). Their biases keep PyTorch's random
+    draw (GPT-2 starts every bias at 0). ``final_norm`` (a LayerNorm before
     the head) defaults to True for ``norm="pre"`` (GPT-2) and False for ``"post"``, whose last block
     already ends in one (Xiong et al. 2020 compare these two).
     """
