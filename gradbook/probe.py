@@ -64,7 +64,7 @@ def _moments(y: torch.Tensor) -> tuple:
 
 
 def _norm(g: torch.Tensor):
-    """||g||, accurate for tiny and huge float32 gradients (:func:`gradbook.records.norms`), as :func:`_value`."""
+    """||g||, accurate for tiny and huge float32 gradients (:func:`gradbook.records.norms`), as a number on the CPU."""
     if g.device.type != "cpu":
         return norms([g])[0]
     n = torch.linalg.vector_norm(g).item()
@@ -72,8 +72,8 @@ def _norm(g: torch.Tensor):
 
 
 class Step:
-    """What one recorded step has gathered so far: statistics as Python floats on the CPU, as tensors on the
-    model's device elsewhere (:func:`_value`)."""
+    """What one recorded step has gathered so far: statistics as Python floats on the CPU (where reading a
+    number costs nothing), as tensors on the model's device elsewhere."""
 
     def __init__(self, index: int, n_layers: int, n_acts: int):
         self.index = index
@@ -279,8 +279,8 @@ class GradNorms:
 
 class Updates:
     """The update:weight ratio ||W_after - W_before|| / ||W_before|| of each layer for one optimizer step,
-    from the optimizer's actual update: :meth:`keep` copies ``weights`` (each layer's weight tensors,
-    ``owner[k]`` the layer of tensor k) before the step, into buffers kept between steps; :meth:`ratio`
+    from the optimizer's actual update: ``keep()`` copies ``weights`` (each layer's weight tensors,
+    ``owner[k]`` the layer of tensor k) before the step, into buffers kept between steps; ``ratio()``
     after it. Under FSDP each rank copies its shards and the norms are summed over ranks."""
 
     def __init__(self, weights: list[torch.Tensor], owner: list[int], n_layers: int):
@@ -302,7 +302,7 @@ class Updates:
         self._weight_sq = dist.squared_norms(weights)
 
     def ratio(self) -> torch.Tensor:
-        """(L,) ratios of the step that ran since :meth:`keep`."""
+        """(L,) ratios of the step that ran since ``keep()``."""
         torch._foreach_sub_(self._buffers, [dist.local(p.detach()) for p in self.weights])
         sq = dist.squared_norms(self._buffers, [dist.is_sharded(p) for p in self.weights])
         if self._index is None or self._index.device != sq.device:

@@ -110,7 +110,7 @@ class Detector:
 
     ``check(step, grad_norm, loss, layer_norms, update_ratio)`` takes one recorded step's numbers (``loss``
     NaN when none was logged, ``update_ratio`` None without an optimizer, or when it is known only later:
-    then :meth:`add_ratio`) and returns the spikes found at that step (an empty list on a healthy step).
+    then ``add_ratio``) and returns the spikes found at that step (an empty list on a healthy step).
     """
 
     def __init__(self, layers: list[str], window: int = WINDOW, threshold: float = THRESHOLD):
