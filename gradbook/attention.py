@@ -14,7 +14,7 @@ with LayerNorm on the queries and keys (``qk_norm`` of :func:`gradbook.transform
 
 The logits are read by forward hooks on the :class:`gradbook.transformers.Scores` modules, where a
 :func:`gradbook.transformers.transformer` computes them. For any model with ``torch.nn.MultiheadAttention``
-or ``scaled_dot_product_attention``, :func:`gradbook.makeup.observe` gives the largest logit and the
+or ``scaled_dot_product_attention``, :class:`gradbook.makeup.observe` gives the largest logit and the
 lowest entropy over all heads.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class AttentionStats:
     """Attention of one forward pass: arrays of shape (layers, heads), averaged over the batch.
 
     ``entropy`` is the mean over queries of each query's attention entropy (nats); ``max_logit`` the
-    largest |logit| and ``rms_logit`` the root mean square of the logits over the keys each query sees;
+    largest ``|logit|`` and ``rms_logit`` the root mean square of the logits over the keys each query sees;
     ``max_entropy`` the entropy of uniform attention over the same keys (:func:`uniform_entropy`).
     """
 
@@ -68,7 +68,7 @@ class AttentionStats:
 
 
 def _summarize(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Entropy, max |logit| and RMS logit per head of (batch, heads, queries, keys) logits."""
+    """Entropy, max ``|logit|`` and RMS logit per head of (batch, heads, queries, keys) logits."""
     seen = torch.isfinite(logits)
     finite = torch.where(seen, logits, torch.zeros((), dtype=logits.dtype)).double()
     ent = entropy(logits).mean(dim=(0, 2))

@@ -378,7 +378,7 @@ def width_exponents(parametrization: str, optimizer: str) -> dict:
 
 
 def ln_gradient_bound(depth: int, width: int, norm: str = "pre") -> float:
-    """The order of Xiong et al.'s (2020, Theorem 1) bound on ||dL/dW||_F of the last block's second
+    """The order of Xiong et al.'s (2020, Theorem 1) bound on ``||dL/dW||_F`` of the last block's second
     feed-forward weight at initialization: d sqrt(ln d) for post-LN, whatever the depth L, and
     d sqrt(ln d / L) for pre-LN. Constants dropped: compare a measurement's change with depth, not its size."""
     positive_int("depth", depth)
