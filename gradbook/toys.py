@@ -177,7 +177,7 @@ class Whitened:
 
     def loss(self, product: torch.Tensor) -> torch.Tensor:
         """Half the mean squared error of the linear map ``product`` (out x dim), exactly:
-        (|M|^2 - 2 tr(syx^T M) + syy) / 2, since the inputs are white."""
+        ``(||M||^2 - 2 tr(syx^T M) + syy) / 2``, since the inputs are white."""
         return 0.5 * ((product * product).sum() - 2 * (self.syx * product).sum() + self.syy)
 
     def target(self, fraction: float) -> float:
