@@ -13,7 +13,7 @@ batches of 64, with ``gb.fit``. Each entry is one run (``<arm>/s<seed>``), seede
 ``plain``           learning rate 0.1, no clipping
 ``plain_small_lr``  learning rate 0.03, no clipping (does a smaller step do what clipping does?)
 ``clip_omega``      as ``clip``, from the same initial weights and batches as ``clip`` with the same seed,
-                    with Pascanu et al.'s regularizer Omega (their eq. 9) added to the loss with weight
+                    with Pascanu et al.'s regularizer Omega added to the loss with weight
                     ``omega`` (not tuned)
 
 An entry holds [test MSE (NaN if the run diverged), the step it diverged at (-1 if it did not), the
@@ -60,7 +60,7 @@ def keys(config):
 
 
 def omega(net, states, grads) -> torch.Tensor:
-    """Pascanu et al. (2013), eq. 9: the sum over k of (||g_(k+1) dh_(k+1)/dh_k|| / ||g_(k+1)|| - 1)^2, with
+    """Pascanu et al.'s (2013) regularizer: the sum over k of (||g_(k+1) dh_(k+1)/dh_k|| / ||g_(k+1)|| - 1)^2, with
     g_(k+1) = dE/dh_(k+1) held constant, averaged over the batch (tanh units: dh_(k+1)/dh_k = diag(1 - h_(k+1)^2) W)."""
     total = torch.zeros(())
     for h_next, g in zip(states[1:], grads[1:]):
