@@ -424,7 +424,7 @@ def test_explorer_controls_work_without_a_kernel(browser):
     try:
         page.wait_for_selector('.widget-box img[src^="data:image/png"]', timeout=30000)
         before = page.evaluate(_SHOWN)
-        assert len(before) == 3, before                         # one figure on show per explorer
+        assert len(before) == 4, before                         # one figure on show per explorer
         handle = page.locator(".noUi-handle").first             # the first explorer's slider
         handle.scroll_into_view_if_needed()
         handle.focus()
@@ -435,6 +435,12 @@ def test_explorer_controls_work_without_a_kernel(browser):
         page.locator(".widget-toggle-buttons").first.locator("button").nth(1).click()
         page.wait_for_function(f"() => ({_SHOWN})()[0] !== {moved[0]!r}", timeout=10000)
         page.locator(".widget-box").first.screenshot(path=str(SCREENSHOTS / "book_explore_widget.png"))
+        handle = page.locator(".noUi-handle").last               # the Part IV explorer's depth slider
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function(f"() => ({_SHOWN})()[3] !== {before[3]!r}", timeout=10000)
+        assert "pre-LN and a post-LN transformer" in page.evaluate(_SHOWN)[3]
     finally:
         page.close()
     assert not errors and not failed, (errors, failed)
