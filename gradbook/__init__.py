@@ -14,8 +14,8 @@ import os
 import random
 
 from . import (activations, attention, batches, book, data, diagnosis, diagrams, distributed, explorers, export, init,
-               makeup, measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, spikes,
-               theory, toys, train, transformer_explorer, transformers, widgets, width)
+               makeup, measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, shattering,
+               spikes, theory, toys, train, transformer_explorer, transformers, widgets, width)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
 from .measure import gradients
@@ -29,7 +29,7 @@ __version__ = "0.3.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "attention", "batches", "book", "data", "diagnosis",
            "diagrams", "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision",
-           "probe", "profiles", "progress", "records", "remedies", "scratch", "spikes", "theory", "toys", "train",
+           "probe", "profiles", "progress", "records", "remedies", "scratch", "shattering", "spikes", "theory", "toys", "train",
            "transformers", "transformer", "transformer_explorer", "widgets", "width", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 0

@@ -42,14 +42,11 @@ f'(x) is the derivative of the function the network computes at x.
 """
 from __future__ import annotations
 
-import math
 import sys
 
-import numpy as np
 import torch
-from torch import nn
 
-import gradbook as gb
+from gradbook import shattering
 from common import main, seed_for
 
 CONFIG = {
@@ -71,101 +68,6 @@ def keys(config):
                     yield f"{experiment}/{arch}/L{depth}/s{seed}"
 
 
-def he_linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, bias=bias)
-    nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / n_in))
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
-class Residual(nn.Module):
-    """h + branch(h)."""
-
-    def __init__(self, branch: nn.Module):
-        super().__init__()
-        self.branch = branch
-
-    def forward(self, h):
-        return h + self.branch(h)
-
-
-def first_layer(in_dim: int, width: int) -> nn.Module:
-    """The grid networks' input layer: ReLU(w x + b), w and b drawn N(0, 1) (He's variance for the fan-in 2 of
-    the input (x, 1)), so that each unit switches at -b/w, inside [-2, 2] for 70% of the units."""
-    layer = nn.Linear(in_dim, width)
-    nn.init.normal_(layer.weight, 0.0, 1.0)
-    nn.init.normal_(layer.bias, 0.0, 1.0)
-    return nn.Sequential(layer, nn.ReLU())
-
-
-def hidden(arch: str, depth: int, width: int) -> list[nn.Module]:
-    """``depth`` hidden layers (or residual blocks) of the architecture ``arch``."""
-    if arch.startswith("resnet_bn"):
-        blocks = [Residual(nn.Sequential(nn.BatchNorm1d(width), nn.ReLU(), he_linear(width, width)))
-                  for _ in range(depth)]
-        if arch == "resnet_bn_scaled":           # every branch scaled by depth^(-1/2), as in Fixup
-            with torch.no_grad():
-                for block in blocks:
-                    block.branch[2].weight.mul_(depth ** -0.5)
-        return blocks
-    if depth == 0:
-        return []
-    norm = {"plain_bn": "batch", "plain_he": None}[arch]
-    return list(gb.mlp(depth, width, "relu", "he", norm=norm).layers)
-
-
-def network(experiment: str, arch: str, depth: int, width: int, in_dim: int) -> nn.Module:
-    """The network of one entry. ``grid``: a biased input layer and ``depth`` - 1 hidden layers (plain) or
-    ``depth`` residual blocks; ``independent``: ``depth`` layers (plain) or a linear input layer and ``depth``
-    blocks, no biases. Then a linear read-out."""
-    if arch == "plain_udl":
-        net = gb.mlp(depth, width, "relu", "normal", in_dim=in_dim, out_dim=1,
-                     init_kwargs={"std": width ** -0.5})
-        with torch.no_grad():
-            for layer in [b.linear for b in net.layers] + [net.readout]:
-                layer.bias.normal_(0.0, width ** -0.5)
-        return net
-    residual = arch.startswith("resnet_bn")
-    if experiment == "grid":
-        body = [first_layer(in_dim, width)] + hidden(arch, depth if residual else depth - 1, width)
-    elif residual:
-        body = [he_linear(in_dim, width)] + hidden(arch, depth, width)
-    else:
-        norm = {"plain_bn": "batch", "plain_he": None}[arch]
-        body = list(gb.mlp(depth, width, "relu", "he", in_dim=in_dim, norm=norm).layers)
-    return nn.Sequential(*body, he_linear(width, 1))
-
-
-def input_gradients(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """d f(x_i) / d x_i for every row x_i, with batch normalization frozen at the statistics of ``x``."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.momentum = None                 # a cumulative average: one batch gives its own statistics
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(x)
-    net.eval()
-    x = x.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(net(x).sum(), x)
-    return g
-
-
-def autocorrelation(g: np.ndarray, max_lag: int) -> list[float]:
-    """sum_i g_i g_(i+k) / sum_i g_i^2 for k = 0..max_lag (lag 0 is 1)."""
-    g = np.asarray(g, dtype=float)
-    return [float(np.dot(g[:len(g) - k], g[k:]) / np.dot(g, g)) for k in range(max_lag + 1)]
-
-
-def pair_correlation(g: torch.Tensor) -> float:
-    """Mean over pairs i != j of <g_i, g_j>, over the mean of |g_i|^2."""
-    gram = g @ g.T
-    n = gram.shape[0]
-    off = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
-    return float(off / gram.diagonal().mean())
-
-
 def compute(config, key):
     experiment, arch, depth, seed = key.split("/")
     depth = int(depth[1:])
@@ -174,13 +76,13 @@ def compute(config, key):
     if experiment == "grid":
         c = config["grid"]
         x = torch.linspace(c["low"], c["high"], c["points"], dtype=torch.float64).reshape(-1, 1)
-        net = network("grid", arch, depth, width, 1).double()
-        g = input_gradients(net, x).squeeze(1).numpy()
-        return autocorrelation(g, c["max_lag"])
+        net = shattering.network("grid", arch, depth, width, 1).double()
+        g = shattering.input_slopes(net, x).squeeze(1).numpy()
+        return shattering.autocorrelation(g, c["max_lag"]).tolist()
     c = config["independent"]
     x = torch.randn(c["inputs"], c["dim"], dtype=torch.float64)
-    net = network("independent", arch, depth, width, c["dim"]).double()
-    return pair_correlation(input_gradients(net, x))
+    net = shattering.network("independent", arch, depth, width, c["dim"]).double()
+    return shattering.pair_correlation(shattering.input_slopes(net, x))
 
 
 CHECK_KEYS = ["grid/plain_bn/L12/s0", "grid/resnet_bn/L16/s1", "grid/plain_udl/L24/s2",

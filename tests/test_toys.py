@@ -127,3 +127,26 @@ def test_orthogonal_chains_learn_in_few_steps_whatever_the_depth_and_gaussian_on
     assert (steps, lr) == (1, 0.0)                      # not reached: the cap and no rate
     with pytest.raises(ValueError, match="kind"):
         gb.toys.linear_chain("uniform", 2, 4, 2)
+
+
+def test_shattering_measures_and_networks():
+    import torch
+
+    sh = gb.shattering
+    assert np.allclose(sh.autocorrelation(np.ones(10), 3), [1.0, 0.9, 0.8, 0.7])   # sums over the overlap, / n
+    alt = np.array([1.0, -1.0] * 8)
+    assert sh.autocorrelation(alt, 2)[1] == pytest.approx(-15 / 16)
+    g = torch.eye(4, dtype=torch.float64)                           # orthogonal gradients: no correlation
+    assert sh.pair_correlation(g) == 0.0 and sh.pair_correlation(torch.ones(4, 3)) == pytest.approx(1.0)
+    assert sh.residual_correlation(1) == pytest.approx((1 + 1 / 4) / (1 + 1 / 2))
+    assert sh.residual_correlation(50) < sh.residual_correlation(10) < 1
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 64, dtype=torch.float64).reshape(-1, 1)
+    net = sh.network("grid", "resnet_bn", 3, 16, 1).double()
+    slopes = sh.input_slopes(net, x)
+    h = 1e-6                                                         # the derivative of the frozen network
+    with torch.no_grad():
+        numeric = (net(x + h) - net(x - h)) / (2 * h)
+    assert torch.allclose(slopes, numeric, atol=1e-5)
+    with pytest.raises(ValueError, match="arch"):
+        sh.network("grid", "resnet", 3, 16, 1)
