@@ -132,7 +132,8 @@ def autocorrelation(g, max_lag: int) -> np.ndarray:
 
 
 def pair_correlation(g: torch.Tensor) -> float:
-    """Mean over pairs i != j of <g_i, g_j>, over the mean of |g_i|^2 (rows of ``g``: one input's gradient)."""
+    """Mean over pairs i != j of ``<g_i, g_j>``, over the mean of ``||g_i||^2`` (rows of ``g``: one input's
+    gradient)."""
     gram = g @ g.T
     n = gram.shape[0]
     off = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
