@@ -70,7 +70,7 @@ from .batches import check_lr, first_nonfinite
 from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
 from .measure import evidence, kept_buffers
-from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, norms, recurrent_modules, weight_tensors
+from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, recurrent_modules, weight_norms
 from .remedies import Remedy, cautions, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
@@ -221,7 +221,7 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
         return _nonfinite_loss(model, named, inputs, ev, lr, autocast)
     snap = ev.snapshot
     return _from_evidence(model, named, snap.weight_grad_norm, snap.grad_norm, snap.act_std, snap.saturated,
-                          snap.dead, ev.time_grad, lr, ev.makeup, ev.loss)
+                          snap.dead, ev.time_grad, lr, ev.makeup, ev.loss, ev.weight_norm)
 
 
 def _nonfinite_loss(model, named, inputs, ev, lr, autocast) -> "Diagnosis":
@@ -231,7 +231,7 @@ def _nonfinite_loss(model, named, inputs, ev, lr, autocast) -> "Diagnosis":
         where = first_nonfinite(model, inputs) or "the loss function (every module's output is finite)"
     nan = np.full(len(named), np.nan)
     acts = [n for n, _, _ in activation_modules(model)]
-    d = Diagnosis("non-finite", [n for n, _ in named], nan, _weight_norms(named), nan, nan, acts,
+    d = Diagnosis("non-finite", [n for n, _ in named], nan, ev.weight_norm, nan, nan, acts,
                   np.full(len(acts), np.nan), np.full(len(acts), np.nan), np.full(len(acts), np.nan), None, {},
                   where, f"the loss is {ev.loss} before any training step; it first turns non-finite in {where}",
                   lr=lr, nonfinite=where, makeup=ev.makeup, loss=ev.loss)
@@ -268,13 +268,6 @@ def from_trace(model: nn.Module, trace: Trace, lr: float | None = None) -> Diagn
     return diag
 
 
-def _weight_norms(named) -> np.ndarray:
-    """||W|| of each layer over its weight tensors (:func:`gradbook.records.norms`: accurate, one pass)."""
-    tensors = [(i, w.detach()) for i, (_, m) in enumerate(named) for w in weight_tensors(m)]
-    sq = norms([w for _, w in tensors]).cpu().numpy() ** 2
-    return np.sqrt(np.bincount([i for i, _ in tensors], weights=sq, minlength=len(named)))
-
-
 def _profiles(named, rel, act_std, tgrad, makeup: Makeup) -> tuple[dict, list[str]]:
     """The profiles the verdict rests on (each with at least MIN_POINTS measured entries), and notes
     saying what was left out and why."""
@@ -305,10 +298,11 @@ def _profiles(named, rel, act_std, tgrad, makeup: Makeup) -> tuple[dict, list[st
     return profiles, notes
 
 
-def _from_evidence(model, named, wgrad, gnorm, act_std, saturated, dead, tgrad, lr, makeup=None, loss=None) -> Diagnosis:
+def _from_evidence(model, named, wgrad, gnorm, act_std, saturated, dead, tgrad, lr, makeup=None, loss=None,
+                   wnorm=None) -> Diagnosis:
     acts = activation_modules(model)
-    makeup = makeup or describe(model)
-    wnorm = _weight_norms(named)
+    wnorm = weight_norms(named) if wnorm is None else wnorm
+    makeup = makeup or describe(model, wnorm)
     wgrad = np.asarray(wgrad, dtype=float)
     reached = wgrad > 0   # frozen or unused layers have no gradient: leave them out of the profile
     rel = np.where(reached, wgrad / np.where(wnorm > 0, wnorm, np.nan), np.nan)

@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import activations as _acts
 from .attention import entropy
-from .records import layers, norms, output_tensors
+from .records import layers, norms, output_tensors, weight_norms, weight_tensors
 
 __all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_extremes", "FUNCTIONAL", "INIT_GAINS"]
 
@@ -115,24 +115,30 @@ class Makeup:
         return " and ".join(parts) or None
 
 
-def _init_gains(model: nn.Module) -> dict[str, float]:
-    """fan_in * E[W^2] of each Linear/Conv layer (its variance for a zero-mean init), in one pass."""
-    named = [(n, m) for n, m in layers(model) if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
-             and m.weight.dim() >= 2 and m.weight.numel() > 0]
-    if not named:
-        return {}
-    sq = norms([m.weight.detach() for _, m in named]).cpu().numpy() ** 2
+def _init_gains(named: list, weight_norm) -> dict[str, float]:
+    """fan_in * E[W^2] of each Linear/Conv layer (its variance for a zero-mean init), from ``weight_norm``,
+    each layer's ``||W||`` (:func:`gradbook.records.weight_norms`) of ``named``."""
     out = {}
-    for (n, m), s in zip(named, sq):
+    for (n, m), wn in zip(named, weight_norm):
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m.weight.dim() < 2 or m.weight.numel() == 0:
+            continue
         w = m.weight
+        # ||W|| counts the weight alone unless it is frozen (then the layer's trainable tensors): recompute
+        own = weight_tensors(m)
+        s = float(wn) ** 2 if len(own) == 1 and own[0] is w else float(norms([w.detach()])[0]) ** 2
         fan_in = w[0].numel() if isinstance(m, nn.Linear) or not m.transposed else w.shape[0] * w[0, 0].numel()
         out[n] = float(fan_in * s / w.numel())
     return out
 
 
-def describe(model: nn.Module) -> Makeup:
-    """The :class:`Makeup` that the modules of ``model`` show, without running it."""
+def describe(model: nn.Module, weight_norm=None) -> Makeup:
+    """The :class:`Makeup` that the modules of ``model`` show, without running it. ``weight_norm``: each
+    layer's ||W|| (:func:`gradbook.records.weight_norms` of :func:`gradbook.records.layers`), if the caller
+    has it (one pass over the weights less)."""
     named = list(model.named_modules())
+    measured = layers(model)
+    if weight_norm is None:
+        weight_norm = weight_norms(measured)
     known = {n for n, m in named if _acts.from_module(m) is not None}
     unknown = [f"{type(m).__name__} ({n})" for n, m in named
                if type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, _NOT_HIDDEN)
@@ -145,7 +151,7 @@ def describe(model: nn.Module) -> Makeup:
         norms=[n for n, m in named if isinstance(m, _NORMS)],
         activation_types={type(m).__name__ for n, m in named if n in known},
         unknown_activations=unknown,
-        init_gain=_init_gains(model),
+        init_gain=_init_gains(measured, weight_norm),
         low_precision=[n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
                        and torch.finfo(p.dtype).bits <= 16])
 
@@ -183,21 +189,24 @@ class observe(TorchFunctionMode):
         seen.makeup.functional, seen.makeup.residual
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, weight_norm=None):
         super().__init__()
         self.model = model
-        self.makeup = describe(model)
+        self.makeup = describe(model, weight_norm)
         self._inputs: dict[int, torch.Tensor] = {}   # tensors that entered a module (kept alive: ids stay unique)
         self._normed: dict[int, torch.Tensor] = {}   # outputs of normalizations (kept alive, likewise)
         self._inside = 0                            # depth inside activation modules and our own computations
         self._handles: list = []
+        self._acts: dict[int, bool] = {}             # id of each module of the model: is it an activation?
+        self._entered: list[int] = []                # the activation modules being run
 
     def __enter__(self):
-        for _, m in self.model.named_modules():
-            act = type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
-            self._handles.append(m.register_forward_pre_hook(self._pre(m, act)))
-            if act:
-                self._handles.append(m.register_forward_hook(self._post))
+        # two global module hooks that pass over other models' modules, rather than one hook per module:
+        # registering and removing a hook on each module costs more than the whole observation
+        self._acts = {id(m): type(m).__module__ == "torch.nn.modules.activation"
+                      and not isinstance(m, nn.MultiheadAttention) for m in self.model.modules()}
+        self._handles = [nn.modules.module.register_module_forward_pre_hook(self._pre),
+                         nn.modules.module.register_module_forward_hook(self._post)]
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -206,29 +215,33 @@ class observe(TorchFunctionMode):
         self._handles.clear()
         self._inputs.clear()
         self._normed.clear()
+        self._entered.clear()
+        self._inside = 0
         return super().__exit__(*exc)
 
-    def _pre(self, module, act: bool):
-        def hook(mod, args):
-            if self._inside:
-                return None
-            for t in output_tensors(list(args)):
-                self._inputs[id(t)] = t
-            if isinstance(mod, nn.MultiheadAttention) and len(args) >= 2:
-                self._inside += 1
-                try:
-                    logit = attention_logit(mod, args[0], args[1])
-                finally:
-                    self._inside -= 1
-                if logit is not None:
-                    self.makeup.attention_logit = max(logit, self.makeup.attention_logit or 0.0)
-            if act:
-                self._inside += 1
+    def _pre(self, mod, args):
+        act = self._acts.get(id(mod))
+        if act is None or self._inside:   # not a module of this model, or called by our own computations
             return None
-        return hook
+        for t in output_tensors(list(args)):
+            self._inputs[id(t)] = t
+        if isinstance(mod, nn.MultiheadAttention) and len(args) >= 2:
+            self._inside += 1
+            try:
+                logit = attention_logit(mod, args[0], args[1])
+            finally:
+                self._inside -= 1
+            if logit is not None:
+                self.makeup.attention_logit = max(logit, self.makeup.attention_logit or 0.0)
+        if act:
+            self._inside += 1
+            self._entered.append(id(mod))
+        return None
 
     def _post(self, mod, args, out):
-        self._inside -= 1
+        if self._entered and self._entered[-1] == id(mod):   # leaving an activation module entered above
+            self._entered.pop()
+            self._inside -= 1
 
     def _attention(self, logits: torch.Tensor) -> None:
         """Fold one attention's logits (batch, heads, queries, keys) into the make-up."""

@@ -25,7 +25,7 @@ from torch import nn
 from ._checks import choice
 from .batches import call, check_batch, default_loss, loss_of
 from .makeup import Makeup, observe
-from .records import Snapshot, eager, layers, norms, output_tensor, weight_tensors
+from .records import Snapshot, eager, layers, norms, output_tensor, weight_norms, weight_tensors
 from .watch import watch
 
 __all__ = ["gradients", "activations", "capture", "stream", "Stream", "through_time", "input_gradients",
@@ -123,7 +123,7 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
     """
     model = eager(model)
     check_batch(inputs, targets, default_loss=loss_fn is None)
-    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level, all_ranks=True) as w:
+    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level, all_ranks=True, spikes=False) as w:
         snap, _ = _forward_backward(model, inputs, targets, loss_fn, w)
     return snap
 
@@ -135,6 +135,7 @@ class Evidence:
     makeup: Makeup
     loss: float
     time_grad: np.ndarray | None
+    weight_norm: np.ndarray | None = None   # ||W|| of each layer (gradbook.records.weight_norms)
 
 
 def _time_hook(model, inputs, time_dim):
@@ -169,14 +170,14 @@ def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     if time_dim is not None:
         choice("time_dim", time_dim, [0, 1])
         inputs, got, handle = _time_hook(model, inputs, time_dim)
-    seen = observe(model)
+    seen = observe(model, weight_norm := weight_norms(layers(model)))   # one pass over the weights, shared
     try:
-        with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True) as w:
+        with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True, spikes=False) as w:
             snap, loss = _forward_backward(model, inputs, targets, loss_fn, w, autocast=autocast, seen=seen)
     finally:
         if handle is not None:
             handle.remove()
-    return Evidence(snap, seen.makeup, loss, got[0] if got else None)
+    return Evidence(snap, seen.makeup, loss, got[0] if got else None, weight_norm)
 
 
 def activations(model: nn.Module, inputs) -> Snapshot:
@@ -187,7 +188,7 @@ def activations(model: nn.Module, inputs) -> Snapshot:
     The model runs in its current mode (a batch-norm layer in training mode normalizes with this batch's
     statistics); its running statistics are left untouched.
     """
-    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True) as w:
+    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True, spikes=False) as w:
         call(eager(model), inputs)
     snap = w.trace[-1]
     snap.weight_grad_norm = snap.grad_norm = None
@@ -378,11 +379,9 @@ def jacobian_singular_values(net, x) -> np.ndarray:
     Computed with ``torch.func.jacrev`` (one backward pass per output, vectorized) and an SVD in float64.
     Compare their squares with :func:`gradbook.theory.jacobian_spectrum`.
     """
-    from torch.func import jacrev
-
     if x.dim() != 1:
         raise ValueError(f"x must be one input, a 1-D tensor; got shape {tuple(x.shape)}")
-    jac = jacrev(net)(x)
+    jac = torch.func.jacrev(net)(x)
     return torch.linalg.svdvals(jac.detach().double()).cpu().numpy()
 
 

@@ -173,7 +173,7 @@ class StepHooks:
 
             def on_grad(g):
                 if active():
-                    with torch.no_grad(), torch._C.DisableTorchFunction():
+                    with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
                         calls.append(_norm(g.detach()))
             y.register_hook(self._wrap(on_grad))
             return None
@@ -207,7 +207,7 @@ class StepHooks:
         def hook(module, args):
             step = self._current()
             if step is not None and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
-                with torch.no_grad(), torch._C.DisableTorchFunction():
+                with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
                     self._input_stats(step, j, act, args[0])
             return None
         return hook
@@ -220,7 +220,7 @@ class StepHooks:
             y = output_tensor(out)
             if step is None or y is None or not torch.is_grad_enabled():   # not an evaluation pass
                 return None
-            with torch.no_grad(), torch._C.DisableTorchFunction():
+            with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
                 y = y.detach()
                 if relu:
                     self._relu_stats(step, j, y)

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import activations as _acts
 
-__all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "activation_modules",
+__all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "weight_norms", "activation_modules",
            "recurrent_modules", "output_tensor", "output_tensors", "norms", "eager"]
 
 #: The module types measured as layers (those with a trainable parameter).
@@ -109,6 +109,17 @@ def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
     own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     weights = [p for n, p in own if "weight" in n]
     return weights or [p for _, p in own]
+
+
+def weight_norms(named: list) -> np.ndarray:
+    """||W|| of each layer of ``named`` ((name, module) pairs, as :func:`layers` lists them) over its
+    :func:`weight_tensors`, from one pass over the weights (:func:`norms`: accurate for tiny and huge
+    entries); 0 for a layer without weights."""
+    tensors = [(i, w.detach()) for i, (_, m) in enumerate(named) for w in weight_tensors(m)]
+    if not tensors:
+        return np.zeros(len(named))
+    sq = norms([w for _, w in tensors]).cpu().numpy() ** 2
+    return np.sqrt(np.bincount([i for i, _ in tensors], weights=sq, minlength=len(named)))
 
 
 def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module, _acts.Activation]]:

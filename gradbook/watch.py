@@ -22,6 +22,7 @@ the update for that).
 from __future__ import annotations
 
 import numbers
+import sys
 import warnings
 import weakref
 import numpy as np
@@ -154,10 +155,12 @@ class watch:
                                "leave the other watch first")
         _WATCHED.add(self.model)
         self._attached, self._main = True, self.all_ranks or dist.is_main()
-        # hidden from torch.compile: run eagerly, never traced into a graph (no recompilation per step)
-        self._handles.append(self.model.register_forward_pre_hook(torch.compiler.disable(self._on_root_forward)))
+        # hidden from torch.compile: run eagerly, never traced into a graph (no recompilation per step); not
+        # needed, and not paid for (importing the compiler takes a second), while nothing has loaded it
+        hide = torch.compiler.disable if self._compiled or "torch._dynamo" in sys.modules else (lambda f: f)
+        self._handles.append(self.model.register_forward_pre_hook(hide(self._on_root_forward)))
         if self.optimizer is None:
-            self._handles.append(self.model.register_forward_hook(torch.compiler.disable(self._on_root_output)))
+            self._handles.append(self.model.register_forward_hook(hide(self._on_root_output)))
         else:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_optimizer_step))
