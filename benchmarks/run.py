@@ -7,7 +7,8 @@
     python benchmarks/run.py --watch-ddp  # (b') (b) under DistributedDataParallel, 2 CPU processes
 
 (b) uses 20 Linear(256, 256) + ReLU layers, batch 128, one math thread, and times the arms interleaved
-step by step (plain; watch(level="norms") and watch(level="full") with the update ratio on every recorded
+step by step (plain; the floor of any per-step monitor, one bare pass over the gradients with no gradbook
+code; watch(level="norms") and watch(level="full") with the update ratio on every recorded
 step (the default), on every 10th (ratios=10) and, for "norms", on none; watch(level="full", every=10); each
 watch with its optimizer, spike detection, the loss logged and TensorBoard export), so that machine noise
 hits every arm alike; it reports the median step time of each, its ratio to plain, and the memory the
@@ -57,6 +58,27 @@ def _step(model, opt, w, x, y) -> None:
     opt.step()
 
 
+class _Floor:
+    """Not a monitor: the one thing any per-step gradient monitor must do, a pass over the gradients
+    (``torch._foreach_norm``, no gradbook code), where the watch reads them (before the optimizer's step)."""
+
+    trace, export = (), ()
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def log_loss(self, loss) -> None:
+        import torch
+
+        torch._foreach_norm([p.grad for p in self.params])
+
+    def attach(self):
+        return self
+
+    def detach(self) -> None:
+        pass
+
+
 def _watch_arms(base, tmp):
     """Each arm: a copy of the model, its optimizer, and its monitor (spikes and TensorBoard export on)."""
     import copy
@@ -66,7 +88,8 @@ def _watch_arms(base, tmp):
     import gradbook as gb
 
     arms = {}
-    for name, kwargs in [("plain", None), ("watch(level='norms')", dict(level="norms")),
+    for name, kwargs in [("plain", None), ("floor: one bare pass over .grad", "floor"),
+                         ("watch(level='norms')", dict(level="norms")),
                          ("watch(level='norms', ratios=10)", dict(level="norms", ratios=10)),
                          ("watch(level='norms', ratios=False)", dict(level="norms", ratios=False)),
                          ("watch(level='full')", dict(level="full")),
@@ -75,7 +98,9 @@ def _watch_arms(base, tmp):
         model = copy.deepcopy(base)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         w = None
-        if kwargs is not None:
+        if kwargs == "floor":
+            w = _Floor(model)
+        elif kwargs is not None:
             export = gb.export.TensorBoard(f"{tmp}/{len(arms)}") if _has_tensorboard() else ()
             w = gb.watch(model, optimizer=opt, spikes=True, export=export, **kwargs)
         arms[name] = (model, opt, w)
@@ -144,7 +169,7 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
                     if i >= warmup:
                         times[k].append(time.perf_counter() - t0)
                         cpu[k].append(time.process_time() - c0)
-            recorded = {k: len(w.trace) for k, (_, _, w) in arms.items() if w is not None}
+            recorded = {k: len(w.trace) for k, (_, _, w) in arms.items() if isinstance(w, gb.watch)}
         finally:
             for _, _, w in arms.values():
                 if w is not None:

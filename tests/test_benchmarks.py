@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_watch_benchmark_runs_and_reports_every_arm():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--watch", "--steps", "4"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
-    for arm in ["plain", "watch(level='norms')", "watch(level='full')", "every=10"]:
+    for arm in ["plain", "floor: one bare pass", "watch(level='norms')", "watch(level='full')", "every=10"]:
         assert arm in out
     assert "x plain" in out
 
