@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import activations as _acts
 from .attention import entropy
-from .records import layers, norms, output_tensors, weight_norms, weight_tensors
+from .records import LAYER_TYPES, layers, norms, output_tensors, weight_norms, weight_tensors
 
 __all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_extremes", "FUNCTIONAL", "INIT_GAINS"]
 
@@ -52,6 +52,16 @@ _SOFTMAX = {"softmax", "_softmax"}
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
           nn.modules.instancenorm._InstanceNorm)
 _NOT_HIDDEN = (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+
+
+def _passed_over(module: nn.Module) -> bool:
+    """Whether :class:`observe` leaves its function mode while ``module`` runs: torch's own layers,
+    normalizations, dropout and activation modules, inside which nothing it looks for happens (a
+    subclass defined elsewhere may add calls to its forward: it is watched)."""
+    if not type(module).__module__.startswith("torch.nn.modules."):
+        return False
+    return isinstance(module, LAYER_TYPES + _NORMS + (nn.modules.dropout._DropoutNd,)) \
+        or type(module).__module__ == "torch.nn.modules.activation"
 
 
 @dataclass
@@ -166,10 +176,11 @@ def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: tor
     b = b.detach() if b is not None else torch.zeros(3 * e, dtype=w.dtype, device=w.device)
     if not module.batch_first:
         query, key = query.transpose(0, 1), key.transpose(0, 1)
-    q = nn.functional.linear(query.detach().to(w.dtype), w[:e], b[:e]).unflatten(-1, (h, e // h))
-    k = nn.functional.linear(key.detach().to(w.dtype), w[e:2 * e], b[e:2 * e]).unflatten(-1, (h, e // h))
-    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(e // h)
-    return float(logits.abs().max())
+    with torch.no_grad():
+        q = nn.functional.linear(query.detach().to(w.dtype), w[:e], b[:e]).unflatten(-1, (h, e // h))
+        k = nn.functional.linear(key.detach().to(w.dtype), w[e:2 * e], b[e:2 * e]).unflatten(-1, (h, e // h))
+        low, high = torch.aminmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1))   # (batch, heads, queries, keys)
+    return max(-float(low), float(high)) / math.sqrt(e // h)
 
 
 def attention_extremes(logits: torch.Tensor) -> tuple[float, float]:
@@ -197,14 +208,13 @@ class observe(TorchFunctionMode):
         self._normed: dict[int, torch.Tensor] = {}   # outputs of normalizations (kept alive, likewise)
         self._inside = 0                            # depth inside activation modules and our own computations
         self._handles: list = []
-        self._acts: dict[int, bool] = {}             # id of each module of the model: is it an activation?
-        self._entered: list[int] = []                # the activation modules being run
+        self._over: dict[int, bool] = {}             # id of each module of the model: passed over?
+        self._running: list[tuple[int, bool]] = []   # passed-over modules running: (id, whether the mode was left)
 
     def __enter__(self):
         # two global module hooks that pass over other models' modules, rather than one hook per module:
         # registering and removing a hook on each module costs more than the whole observation
-        self._acts = {id(m): type(m).__module__ == "torch.nn.modules.activation"
-                      and not isinstance(m, nn.MultiheadAttention) for m in self.model.modules()}
+        self._over = {id(m): _passed_over(m) for m in self.model.modules()}
         self._handles = [nn.modules.module.register_module_forward_pre_hook(self._pre),
                          nn.modules.module.register_module_forward_hook(self._post)]
         return super().__enter__()
@@ -215,33 +225,43 @@ class observe(TorchFunctionMode):
         self._handles.clear()
         self._inputs.clear()
         self._normed.clear()
-        self._entered.clear()
+        left = any(popped for _, popped in self._running)   # an exception inside a passed-over module
+        self._running.clear()
         self._inside = 0
-        return super().__exit__(*exc)
+        return None if left else super().__exit__(*exc)
 
     def _pre(self, mod, args):
-        act = self._acts.get(id(mod))
-        if act is None or self._inside:   # not a module of this model, or called by our own computations
+        over = self._over.get(id(mod))
+        if over is None or self._running or self._inside:   # another model's module, or inside one passed over
             return None
         for t in output_tensors(list(args)):
             self._inputs[id(t)] = t
-        if isinstance(mod, nn.MultiheadAttention) and len(args) >= 2:
-            self._inside += 1
-            try:
-                logit = attention_logit(mod, args[0], args[1])
-            finally:
-                self._inside -= 1
+        if isinstance(mod, nn.Softmax) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 \
+                and mod.dim in (-1, 3) and torch.is_grad_enabled():
+            self._attention(args[0])   # an nn.Softmax over the keys of (batch, heads, queries, keys) logits
+        if over:   # nothing inside it is looked for: leave the mode while it runs (its calls cost nothing then)
+            top = torch.overrides._get_current_function_mode() is self
+            if top:
+                TorchFunctionMode.__exit__(self, None, None, None)
+            else:   # another mode above ours: stay, and let __torch_function__ pass the calls through
+                self._inside += 1
+            self._running.append((id(mod), top))
+        if isinstance(mod, nn.MultiheadAttention) and len(args) >= 2:   # its logits, the mode left or passing
+            logit = attention_logit(mod, args[0], args[1])
             if logit is not None:
                 self.makeup.attention_logit = max(logit, self.makeup.attention_logit or 0.0)
-        if act:
-            self._inside += 1
-            self._entered.append(id(mod))
         return None
 
     def _post(self, mod, args, out):
-        if self._entered and self._entered[-1] == id(mod):   # leaving an activation module entered above
-            self._entered.pop()
+        if not self._running or self._running[-1][0] != id(mod):
+            return
+        _, left = self._running.pop()
+        if left:
+            TorchFunctionMode.__enter__(self)
+        else:
             self._inside -= 1
+        if isinstance(mod, _NORMS) and isinstance(out, torch.Tensor):   # can be a post-LN block's skip path
+            self._normed[id(out)] = out
 
     def _attention(self, logits: torch.Tensor) -> None:
         """Fold one attention's logits (batch, heads, queries, keys) into the make-up."""
