@@ -6,7 +6,7 @@
     python benchmarks/run.py --diagnose   # (c) cost of one gradbook.diagnose call, in plain steps
     python benchmarks/run.py --watch-ddp  # (b') (b) under DistributedDataParallel, 2 CPU processes
 
-(b) uses 20 Linear(256, 256) + ReLU layers, batch 128, one math thread, and times the arms interleaved
+(b) uses 20 Linear(256, 256) + ReLU layers, batch 128 (`--batch` to change it), one math thread, and times the arms interleaved
 step by step (plain; the floor of any per-step monitor, one bare pass over the gradients with no gradbook
 code; watch(level="norms") and watch(level="full") with the update ratio on every recorded
 step (the default), on every 10th (ratios=10) and, for "norms", on none; watch(level="full", every=10); each
@@ -139,7 +139,7 @@ def _memory_per_step(base, level: str, steps: int = 200) -> float:
     return (after - before) / steps
 
 
-def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
+def watch_overhead(steps: int = 300, warmup: int = 20, batch: int = 128) -> None:
     """The monitor as it is meant to be left on: with its optimizer (update ratios), spike detection, the loss
     logged, and TensorBoard export (when tensorboard is installed), against plain steps of the same model."""
     import tempfile
@@ -150,7 +150,7 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
 
     gb.setup(0, style=False)
     base = gb.mlp(depth=20, width=256, activation="relu", init="he")
-    x, y = torch.randn(128, 256), torch.randn(128, 256)
+    x, y = torch.randn(batch, 256), torch.randn(batch, 256)
     with tempfile.TemporaryDirectory() as tmp:
         arms = _watch_arms(base, tmp)
         times: dict[str, list[float]] = {k: [] for k in arms}
@@ -178,7 +178,7 @@ def watch_overhead(steps: int = 300, warmup: int = 20) -> None:
                         sink.close()
     plain, plain_cpu = statistics.median(times["plain"]), statistics.median(cpu["plain"])
     export = "TensorBoard export" if _has_tensorboard() else "no export (tensorboard not installed)"
-    print(f"(b) gradbook.watch overhead: 20 x Linear(256, 256)+ReLU, batch 128, median of {steps} interleaved "
+    print(f"(b) gradbook.watch overhead: 20 x Linear(256, 256)+ReLU, batch {batch}, median of {steps} interleaved "
           f"steps; optimizer hooks, update ratios, spike detection, {export}")
     for k, t in times.items():
         med, med_cpu = statistics.median(t), statistics.median(cpu[k])
@@ -304,12 +304,14 @@ if __name__ == "__main__":
     parser.add_argument("--diagnose", action="store_true")
     parser.add_argument("--watch-ddp", action="store_true", help="(b') the watch's overhead under DDP, 2 processes")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per arm in (b), at least 200 for the report")
+    parser.add_argument("--batch", type=int, default=128,
+                        help="batch of (b): the benchmark's is 128; larger ones show how the cost shrinks with work per weight")
     args = parser.parse_args()
     both = not (args.notebooks or args.watch or args.diagnose or args.watch_ddp)
     if args.watch_ddp:
         watch_overhead_ddp(args.steps)
     if args.watch or both:
-        watch_overhead(args.steps)
+        watch_overhead(args.steps, batch=args.batch)
     if args.diagnose or both:
         diagnose_cost()
     if args.notebooks or both:

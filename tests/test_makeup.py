@@ -187,3 +187,43 @@ def test_weights_stored_in_bfloat16_get_a_master_weights_caution():
     d = gb.diagnose(model, x.bfloat16(), y.bfloat16())
     assert d.makeup.low_precision and [r.topic for r in d.cautions] == ["precision"]
     assert "float32" in d.cautions[0].action and "16 bits" in d.cautions[0].reason
+
+
+class SoftmaxModule(nn.Module):
+    """Attention written with an nn.Softmax module over (batch, heads, queries, keys) logits."""
+
+    def __init__(self, width=32, heads=4):
+        super().__init__()
+        self.heads, self.qkv, self.softmax = heads, nn.Linear(width, 3 * width), nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.softmax(q @ k.transpose(-2, -1) / (w // self.heads) ** 0.5)
+        return (p @ v).transpose(1, 2).reshape(b, t, w)
+
+
+def test_attention_through_an_nn_softmax_module_is_seen():
+    torch.manual_seed(0)
+    model, x = SoftmaxModule(), torch.randn(2, 9, 32)
+    m = _seen(model, x)
+    q, k, _ = model.qkv(x).view(2, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    logit, entropy = _reference(q.detach(), k.detach(), causal=False)
+    assert m.attention_logit == pytest.approx(logit, rel=1e-5)
+    assert m.attention_entropy == pytest.approx(entropy, rel=1e-4, abs=1e-6)
+
+
+def test_observing_leaves_torch_as_it_found_it_even_when_the_forward_pass_raises():
+    """The make-up's function mode is left while torch's own layers run and re-entered after them; an
+    exception inside one must not leave the mode behind, or pop another's."""
+    from torch.overrides import _get_current_function_mode
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(RuntimeError):   # the first Linear's forward raises: the wrong input width
+        with gb.makeup.observe(model):
+            model(torch.randn(3, 5))
+    assert _get_current_function_mode() is None
+    with gb.makeup.observe(model) as seen:   # and it still works afterwards
+        model(torch.randn(3, 4))
+    assert _get_current_function_mode() is None and seen.makeup.residual == 0
+    assert not nn.modules.module._global_forward_pre_hooks and not nn.modules.module._global_forward_hooks
