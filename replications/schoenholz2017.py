@@ -15,8 +15,9 @@ order-to-chaos transition (sigma_w^2 = 1.76) do very deep ones train. Ours, smal
 * the curves: six times the depth scale of correlations, xi_c = -1 / ln chi_c, where chi_c is the slope of
   the correlation map at its stable fixed point c*:
   c_l = [sigma_w^2 E(phi(u1) phi(u2)) + sigma_b^2] / q*, u1 = sqrt(q*) z1, u2 = sqrt(q*)(c z1 + sqrt(1 - c^2) z2),
-  chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c = c*. In the ordered phase c* = 1 and xi_c equals the
-  gradient's depth scale of ``gradbook.theory.depth_scale``; in the chaotic phase c* < 1 and xi_c is longer.
+  chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c = c* (``gradbook.correlation``). In the ordered phase c* = 1
+  and xi_c equals the gradient's depth scale of ``gradbook.theory.depth_scale``; in the chaotic phase
+  c* < 1 and xi_c is longer.
 
 One entry per cell, ``"<sigma_w^2>/<depth>"``: the training accuracy; and one per sigma_w^2 of the curve,
 ``"xi_c/<sigma_w^2>"``: 6 xi_c.
@@ -69,28 +70,9 @@ def train_accuracy(config, sw2: float, depth: int, seed: int) -> float:
         return (net(x).argmax(1) == y).float().mean().item()
 
 
-def six_xi_c(activation: str, sw2: float, sb2: float, nodes: int = 80) -> float:
-    """6 xi_c by Gauss-Hermite quadrature in two dimensions (Schoenholz et al. 2017)."""
-    z, w = np.polynomial.hermite_e.hermegauss(nodes)
-    z1, z2 = np.meshgrid(z, z, indexing="ij")
-    weight = np.outer(w, w) / w.sum() ** 2
-    act = gb.activations.get(activation)
-    phi, dphi = act.fn, act.derivative
-    q = theory.fixed_point(activation, math.sqrt(sw2), math.sqrt(sb2))
-
-    def pair(c):
-        return math.sqrt(q) * z1, math.sqrt(q) * (c * z1 + math.sqrt(max(1.0 - c * c, 0.0)) * z2)
-
-    c = 0.5
-    for _ in range(5000):                                  # iterate the correlation map to its stable c*
-        u1, u2 = pair(c)
-        c_next = min((sw2 * np.sum(weight * phi(u1) * phi(u2)) + sb2) / q, 1.0)
-        if abs(c_next - c) < 1e-13:
-            break
-        c = c_next
-    u1, u2 = pair(c)
-    chi_c = sw2 * np.sum(weight * dphi(u1) * dphi(u2))
-    return math.inf if chi_c >= 1.0 else -theory.TRAINABLE_DEPTH_SCALES / math.log(chi_c)
+def six_xi_c(activation: str, sw2: float, sb2: float) -> float:
+    """6 xi_c (Schoenholz et al. 2017), from :func:`gradbook.correlation.correlation_depth`."""
+    return theory.TRAINABLE_DEPTH_SCALES * gb.correlation.correlation_depth(activation, math.sqrt(sw2), math.sqrt(sb2))
 
 
 def keys(config):

@@ -1,0 +1,88 @@
+"""The correlation map of mean-field theory: how alike two inputs stay through a deep random network.
+
+Two inputs send pre-activations (u1, u2) through each layer of a wide random MLP (weights of variance
+sigma_w^2 / fan_in, biases of variance sigma_b^2) as a Gaussian pair of variance q* each and correlation
+c_l (Poole et al. 2016). With (u1, u2) ~ N(0, q* [[1, c], [c, 1]]):
+
+* the correlation map  c_{l+1} = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q*,
+* its slope at its stable point c*:  chi_c = sigma_w^2 E[phi'(u1) phi'(u2)],
+* the correlation depth scale  xi_c = -1 / ln chi_c,
+
+over which two inputs' correlation approaches c* (Schoenholz et al. 2017, eq. 9). In the ordered phase
+c* = 1 and chi_c is the gradient factor chi of :mod:`gradbook.theory`; at the order-to-chaos boundary
+chi_c = 1 and xi_c diverges. Schoenholz et al. found networks deeper than about six xi_c untrainable
+(:data:`gradbook.theory.TRAINABLE_DEPTH_SCALES`). The two-dimensional expectations are taken by
+Gauss-Hermite quadrature on a product grid.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import activations as _acts
+from ._checks import non_negative, positive_int
+from .theory import fixed_point
+
+__all__ = ["correlation_map", "fixed_correlation", "chi_c", "correlation_depth"]
+
+
+def _grid(nodes: int):
+    """Standard normal nodes (z1, z2) of a product Gauss-Hermite rule and their weights (summing to 1)."""
+    z, w = np.polynomial.hermite_e.hermegauss(positive_int("nodes", nodes))
+    z1, z2 = np.meshgrid(z, z, indexing="ij")
+    return z1, z2, np.outer(w, w) / w.sum() ** 2
+
+
+def _pair(z1, z2, q: float, c: float):
+    """(u1, u2) with variance q each and correlation c, from independent standard normals."""
+    return math.sqrt(q) * z1, math.sqrt(q) * (c * z1 + math.sqrt(max(1.0 - c * c, 0.0)) * z2)
+
+
+def correlation_map(activation: str, c: float, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80) -> float:
+    """c' = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q* for two inputs at correlation ``c`` (at most 1),
+    each at the length map's fixed point q* (:func:`gradbook.theory.fixed_point`)."""
+    act = _acts.get(activation)
+    sw2, sb2 = non_negative("sigma_w", sigma_w) ** 2, non_negative("sigma_b", sigma_b) ** 2
+    if not -1.0 <= float(c) <= 1.0:
+        raise ValueError(f"c must be a correlation, between -1 and 1; got {c!r}")
+    q = fixed_point(activation, sigma_w, sigma_b)
+    z1, z2, weight = _grid(nodes)
+    u1, u2 = _pair(z1, z2, q, float(c))
+    return min((sw2 * np.sum(weight * act.fn(u1) * act.fn(u2)) + sb2) / q, 1.0)
+
+
+def fixed_correlation(activation: str, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80,
+                      c0: float = 0.5, tol: float = 1e-13, max_iter: int = 5000) -> float:
+    """c*, the correlation the map settles at from ``c0``: 1 in the ordered phase, below 1 in the chaotic
+    phase (two inputs decorrelate)."""
+    act = _acts.get(activation)
+    sw2, sb2 = non_negative("sigma_w", sigma_w) ** 2, non_negative("sigma_b", sigma_b) ** 2
+    q = fixed_point(activation, sigma_w, sigma_b)
+    z1, z2, weight = _grid(nodes)
+    c = float(c0)
+    for _ in range(positive_int("max_iter", max_iter)):
+        u1, u2 = _pair(z1, z2, q, c)
+        new = min((sw2 * np.sum(weight * act.fn(u1) * act.fn(u2)) + sb2) / q, 1.0)
+        if abs(new - c) < tol:
+            return new
+        c = new
+    return c
+
+
+def chi_c(activation: str, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80) -> float:
+    """chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c* and q*: the slope of the correlation map at its stable
+    point (Schoenholz et al. 2017, eq. 8)."""
+    act = _acts.get(activation)
+    sw2 = non_negative("sigma_w", sigma_w) ** 2
+    c = fixed_correlation(activation, sigma_w, sigma_b, nodes)
+    z1, z2, weight = _grid(nodes)
+    u1, u2 = _pair(z1, z2, fixed_point(activation, sigma_w, sigma_b), c)
+    return sw2 * float(np.sum(weight * act.derivative(u1) * act.derivative(u2)))
+
+
+def correlation_depth(activation: str, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80) -> float:
+    """xi_c = -1 / ln chi_c, the number of layers over which two inputs' correlation approaches c*
+    (Schoenholz et al. 2017, eq. 9); infinite where chi_c >= 1, at the order-to-chaos boundary."""
+    c = chi_c(activation, sigma_w, sigma_b, nodes)
+    return math.inf if c >= 1.0 else -1.0 / math.log(c)
