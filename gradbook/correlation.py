@@ -26,59 +26,64 @@ from .theory import fixed_point
 
 __all__ = ["correlation_map", "fixed_correlation", "chi_c", "correlation_depth"]
 
-
-def _grid(nodes: int):
-    """Standard normal nodes (z1, z2) of a product Gauss-Hermite rule and their weights (summing to 1)."""
-    z, w = np.polynomial.hermite_e.hermegauss(positive_int("nodes", nodes))
-    z1, z2 = np.meshgrid(z, z, indexing="ij")
-    return z1, z2, np.outer(w, w) / w.sum() ** 2
+#: Where the iteration of the correlation map starts, when it has settled, and how long it may take.
+_C0, _TOL, _MAX_ITER = 0.5, 1e-13, 5000
 
 
-def _pair(z1, z2, q: float, c: float):
-    """(u1, u2) with variance q each and correlation c, from independent standard normals."""
-    return math.sqrt(q) * z1, math.sqrt(q) * (c * z1 + math.sqrt(max(1.0 - c * c, 0.0)) * z2)
+class _Setting:
+    """One network's numbers for the 2-D expectations: the activation, sigma_w^2, sigma_b^2, the length
+    map's fixed point q* (:func:`gradbook.theory.fixed_point`) and a product Gauss-Hermite grid of standard
+    normal nodes (z1, z2) with weights summing to 1."""
+
+    def __init__(self, activation: str, sigma_w: float, sigma_b: float, nodes: int):
+        self.act = _acts.get(activation)
+        self.sw2, self.sb2 = non_negative("sigma_w", sigma_w) ** 2, non_negative("sigma_b", sigma_b) ** 2
+        z, w = np.polynomial.hermite_e.hermegauss(positive_int("nodes", nodes))
+        self.z1, self.z2 = np.meshgrid(z, z, indexing="ij")
+        self.weight = np.outer(w, w) / w.sum() ** 2
+        self.q = fixed_point(activation, sigma_w, sigma_b)
+
+    def expect(self, f, c: float) -> float:
+        """E[f(u1) f(u2)] for (u1, u2) of variance q* each and correlation c."""
+        u1 = math.sqrt(self.q) * self.z1
+        u2 = math.sqrt(self.q) * (c * self.z1 + math.sqrt(max(1.0 - c * c, 0.0)) * self.z2)
+        return np.sum(self.weight * f(u1) * f(u2))
+
+    def map(self, c: float) -> float:
+        return min((self.sw2 * self.expect(self.act.fn, c) + self.sb2) / self.q, 1.0)
+
+    def settle(self, c0: float, tol: float, max_iter: int) -> float:
+        c = float(c0)
+        for _ in range(positive_int("max_iter", max_iter)):
+            new = self.map(c)
+            if abs(new - c) < tol:
+                return new
+            c = new
+        return c
 
 
 def correlation_map(activation: str, c: float, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80) -> float:
     """c' = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q* for two inputs at correlation ``c`` (at most 1),
     each at the length map's fixed point q* (:func:`gradbook.theory.fixed_point`)."""
-    act = _acts.get(activation)
-    sw2, sb2 = non_negative("sigma_w", sigma_w) ** 2, non_negative("sigma_b", sigma_b) ** 2
+    setting = _Setting(activation, sigma_w, sigma_b, nodes)
     if not -1.0 <= float(c) <= 1.0:
         raise ValueError(f"c must be a correlation, between -1 and 1; got {c!r}")
-    q = fixed_point(activation, sigma_w, sigma_b)
-    z1, z2, weight = _grid(nodes)
-    u1, u2 = _pair(z1, z2, q, float(c))
-    return min((sw2 * np.sum(weight * act.fn(u1) * act.fn(u2)) + sb2) / q, 1.0)
+    return setting.map(float(c))
 
 
 def fixed_correlation(activation: str, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80,
-                      c0: float = 0.5, tol: float = 1e-13, max_iter: int = 5000) -> float:
+                      c0: float = _C0, tol: float = _TOL, max_iter: int = _MAX_ITER) -> float:
     """c*, the correlation the map settles at from ``c0``: 1 in the ordered phase, below 1 in the chaotic
     phase (two inputs decorrelate)."""
-    act = _acts.get(activation)
-    sw2, sb2 = non_negative("sigma_w", sigma_w) ** 2, non_negative("sigma_b", sigma_b) ** 2
-    q = fixed_point(activation, sigma_w, sigma_b)
-    z1, z2, weight = _grid(nodes)
-    c = float(c0)
-    for _ in range(positive_int("max_iter", max_iter)):
-        u1, u2 = _pair(z1, z2, q, c)
-        new = min((sw2 * np.sum(weight * act.fn(u1) * act.fn(u2)) + sb2) / q, 1.0)
-        if abs(new - c) < tol:
-            return new
-        c = new
-    return c
+    return _Setting(activation, sigma_w, sigma_b, nodes).settle(c0, tol, max_iter)
 
 
 def chi_c(activation: str, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80) -> float:
     """chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c* and q*: the slope of the correlation map at its stable
     point (Schoenholz et al. 2017, eq. 8)."""
-    act = _acts.get(activation)
-    sw2 = non_negative("sigma_w", sigma_w) ** 2
-    c = fixed_correlation(activation, sigma_w, sigma_b, nodes)
-    z1, z2, weight = _grid(nodes)
-    u1, u2 = _pair(z1, z2, fixed_point(activation, sigma_w, sigma_b), c)
-    return sw2 * float(np.sum(weight * act.derivative(u1) * act.derivative(u2)))
+    setting = _Setting(activation, sigma_w, sigma_b, nodes)
+    c = setting.settle(_C0, _TOL, _MAX_ITER)
+    return setting.sw2 * float(setting.expect(setting.act.derivative, c))
 
 
 def correlation_depth(activation: str, sigma_w: float, sigma_b: float = 0.0, nodes: int = 80) -> float:

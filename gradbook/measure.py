@@ -25,7 +25,7 @@ from torch import nn
 from ._checks import choice
 from .batches import call, check_batch, default_loss, loss_of
 from .makeup import Makeup, observe
-from .records import Snapshot, eager, layers, norms, output_tensor, weight_norms, weight_tensors
+from .records import Snapshot, eager, layers, output_tensor, weight_norms, weight_tensors
 from .watch import watch
 
 __all__ = ["gradients", "activations", "capture", "stream", "Stream", "through_time", "input_gradients",
@@ -78,15 +78,6 @@ def random_direction(like, dtype: torch.dtype | None = None, generator: torch.Ge
     return RandomDirection(r)
 
 
-def _weight_grad_norms(named) -> torch.Tensor:
-    """||dL/dW|| of each layer from its weights' ``.grad`` (0 for a layer that received none)."""
-    rows = []
-    for _, m in named:
-        grads = [p.grad for p in weight_tensors(m) if p.grad is not None]
-        rows.append(norms(grads).pow(2).sum().sqrt() if grads else torch.zeros((), dtype=torch.float64))
-    return torch.stack([r.cpu() for r in rows]) if rows else torch.zeros(0, dtype=torch.float64)
-
-
 def _forward_backward(model, inputs, targets, loss_fn, probe: watch, *, autocast=None, seen=None) -> tuple[Snapshot, float]:
     """One checked forward and backward pass under ``probe`` (a watch on ``model``) that leaves no ``.grad``
     behind: its :class:`Snapshot` (``weight_grad_norm`` read by the probe as the pass ended; 0 without a
@@ -106,7 +97,7 @@ def _forward_backward(model, inputs, targets, loss_fn, probe: watch, *, autocast
             loss.backward()
         snap = probe.trace[-1]
         if not np.isfinite(value) or np.isnan(snap.weight_grad_norm).all():   # no backward pass was read
-            snap.weight_grad_norm = _weight_grad_norms(layers(model)).numpy()
+            snap.weight_grad_norm = weight_norms(layers(model), grads=True)
         return snap, value
     finally:
         for p, g in zip(params, saved):

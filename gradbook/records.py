@@ -111,11 +111,13 @@ def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
     return weights or [p for _, p in own]
 
 
-def weight_norms(named: list) -> np.ndarray:
+def weight_norms(named: list, grads: bool = False) -> np.ndarray:
     """||W|| of each layer of ``named`` ((name, module) pairs, as :func:`layers` lists them) over its
     :func:`weight_tensors`, from one pass over the weights (:func:`norms`: accurate for tiny and huge
-    entries); 0 for a layer without weights."""
-    tensors = [(i, w.detach()) for i, (_, m) in enumerate(named) for w in weight_tensors(m)]
+    entries); 0 for a layer without weights. With ``grads``, ||dL/dW|| from their ``.grad`` (0 for a layer
+    that received none)."""
+    tensors = [(i, w.grad if grads else w.detach()) for i, (_, m) in enumerate(named) for w in weight_tensors(m)
+               if not grads or w.grad is not None]
     if not tensors:
         return np.zeros(len(named))
     sq = norms([w for _, w in tensors]).cpu().numpy() ** 2

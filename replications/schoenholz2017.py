@@ -65,9 +65,7 @@ def train_accuracy(config, sw2: float, depth: int, seed: int) -> float:
                                  math.sqrt(config["sigma_b2"]), in_dim=64, out_dim=10)
     gb.fit(net, task(), config["steps"], config["lr"], momentum=config["momentum"], batch_size=config["batch_size"],
            generator=torch.Generator().manual_seed(seed + 1), progress=False)
-    x, y = task().x_train, task().y_train
-    with torch.no_grad():
-        return (net(x).argmax(1) == y).float().mean().item()
+    return gb.evaluate(net, task(), "train")["accuracy"]
 
 
 def six_xi_c(activation: str, sw2: float, sb2: float) -> float:
