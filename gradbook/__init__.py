@@ -14,7 +14,7 @@ import os
 import random
 
 from . import (activations, attention, batches, book, correlation, data, diagnosis, diagrams, distributed, explorers,
-               export, init, makeup, measure, nets, plot, precision, probe, profiles, progress, records, remedies, scratch, shattering,
+               export, init, makeup, measure, nets, onepass, plot, precision, probe, profiles, progress, records, remedies, scratch, shattering,
                spikes, theory, toys, train, transformer_explorer, transformers, widgets, width)
 from .book import glue
 from .diagnosis import Diagnosis, diagnose
@@ -28,7 +28,7 @@ from .watch import watch
 __version__ = "0.3.1"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "attention", "batches", "book", "correlation", "data", "diagnosis",
-           "diagrams", "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "plot", "precision",
+           "diagrams", "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "onepass", "plot", "precision",
            "probe", "profiles", "progress", "records", "remedies", "scratch", "shattering", "spikes", "theory", "toys", "train",
            "transformers", "transformer", "transformer_explorer", "widgets", "width", "DEFAULT_SEED"]
 

@@ -69,7 +69,8 @@ from torch import nn
 from .batches import check_lr, first_nonfinite
 from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
-from .measure import evidence, kept_buffers
+from .measure import evidence
+from .onepass import kept_buffers
 from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, recurrent_modules, weight_norms
 from .remedies import Remedy, cautions, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD

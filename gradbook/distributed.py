@@ -62,15 +62,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+#: Tensor types that are never a DTensor: checked first, as looking up a missing attribute costs microseconds.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor split across ranks (FSDP's parameters and gradients)."""
+    if type(t) in _PLAIN:
+        return False
     placements = getattr(t, "placements", None)
     return placements is not None and any(p.is_shard() for p in placements)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t`` (the tensor itself unless it is a DTensor)."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t if type(t) in _PLAIN or not hasattr(t, "to_local") else t.to_local()
 
 
 def squared_norms(tensors: list[torch.Tensor], sharded: list[bool] | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ unknown modules have no forward statistics (``act_std``), and say so.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import activations as _acts
 from .attention import entropy
-from .records import LAYER_TYPES, layers, norms, output_tensors, weight_norms, weight_tensors
+from .records import LAYER_TYPES, is_layer, is_recurrent, norms, output_tensors, weight_norms, weight_tensors
 
 __all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_extremes", "FUNCTIONAL", "INIT_GAINS"]
 
@@ -54,14 +55,21 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNor
 _NOT_HIDDEN = (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 
 
-def _passed_over(module: nn.Module) -> bool:
-    """Whether :class:`observe` leaves its function mode while ``module`` runs: torch's own layers,
-    normalizations, dropout and activation modules, inside which nothing it looks for happens (a
-    subclass defined elsewhere may add calls to its forward: it is watched)."""
-    if not type(module).__module__.startswith("torch.nn.modules."):
-        return False
-    return isinstance(module, LAYER_TYPES + _NORMS + (nn.modules.dropout._DropoutNd,)) \
-        or type(module).__module__ == "torch.nn.modules.activation"
+#: What :class:`observe` does with a module of the model (bit flags, from its class alone).
+_OVER, _SOFTMAX_MODULE, _ATTENTION, _NORM = 1, 2, 4, 8
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(kind: type) -> int:
+    """What :class:`observe` does with a module of class ``kind``. ``_OVER``: it leaves its function mode
+    while the module runs: torch's own layers, normalizations, dropout and activation modules, inside which
+    nothing it looks for happens (a subclass defined elsewhere may add calls to its forward: it is watched).
+    ``_SOFTMAX_MODULE``, ``_ATTENTION``, ``_NORM``: an ``nn.Softmax``, an ``nn.MultiheadAttention``, a normalization."""
+    torch_own = kind.__module__.startswith("torch.nn.modules.")
+    over = torch_own and (issubclass(kind, LAYER_TYPES + _NORMS + (nn.modules.dropout._DropoutNd,))
+                          or kind.__module__ == "torch.nn.modules.activation")
+    return (_OVER * over | _SOFTMAX_MODULE * issubclass(kind, nn.Softmax)
+            | _ATTENTION * issubclass(kind, nn.MultiheadAttention) | _NORM * issubclass(kind, _NORMS))
 
 
 @dataclass
@@ -136,7 +144,8 @@ def _init_gains(named: list, weight_norm) -> dict[str, float]:
         # ||W|| counts the weight alone unless it is frozen (then the layer's trainable tensors): recompute
         own = weight_tensors(m)
         s = float(wn) ** 2 if len(own) == 1 and own[0] is w else float(norms([w.detach()])[0]) ** 2
-        fan_in = w[0].numel() if isinstance(m, nn.Linear) or not m.transposed else w.shape[0] * w[0, 0].numel()
+        fan_in = w.numel() // w.shape[0] if isinstance(m, nn.Linear) or not m.transposed \
+            else w.numel() // w.shape[1]
         out[n] = float(fan_in * s / w.numel())
     return out
 
@@ -146,7 +155,7 @@ def describe(model: nn.Module, weight_norm=None) -> Makeup:
     layer's ||W|| (:func:`gradbook.records.weight_norms` of :func:`gradbook.records.layers`), if the caller
     has it (one pass over the weights less)."""
     named = list(model.named_modules())
-    measured = layers(model)
+    measured = [(n, m) for n, m in named if is_layer(m)]
     if weight_norm is None:
         weight_norm = weight_norms(measured)
     known = {n for n, m in named if _acts.from_module(m) is not None}
@@ -156,14 +165,14 @@ def describe(model: nn.Module, weight_norm=None) -> Makeup:
     return Makeup(
         embeddings=[n for n, m in named if isinstance(m, (nn.Embedding, nn.EmbeddingBag))],
         attention=[n for n, m in named if isinstance(m, nn.MultiheadAttention)],
-        recurrent=any(isinstance(m, nn.RNNBase) or hasattr(m, "states") for _, m in named),
+        recurrent=any(is_recurrent(m) for _, m in named),
         gated=any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for _, m in named),
         norms=[n for n, m in named if isinstance(m, _NORMS)],
         activation_types={type(m).__name__ for n, m in named if n in known},
         unknown_activations=unknown,
         init_gain=_init_gains(measured, weight_norm),
         low_precision=[n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
-                       and torch.finfo(p.dtype).bits <= 16])
+                       and p.dtype.itemsize <= 2])
 
 
 def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:
@@ -208,13 +217,13 @@ class observe(TorchFunctionMode):
         self._normed: dict[int, torch.Tensor] = {}   # outputs of normalizations (kept alive, likewise)
         self._inside = 0                            # depth inside activation modules and our own computations
         self._handles: list = []
-        self._over: dict[int, bool] = {}             # id of each module of the model: passed over?
-        self._running: list[tuple[int, bool]] = []   # passed-over modules running: (id, whether the mode was left)
+        self._kinds: dict[int, int] = {}             # id of each module of the model: its _kind
+        self._running: list[tuple] = []              # passed-over modules running: (id, whether the mode was left, _kind)
 
     def __enter__(self):
         # two global module hooks that pass over other models' modules, rather than one hook per module:
         # registering and removing a hook on each module costs more than the whole observation
-        self._over = {id(m): _passed_over(m) for m in self.model.modules()}
+        self._kinds = {id(m): _kind(type(m)) for m in self.model.modules()}
         self._handles = [nn.modules.module.register_module_forward_pre_hook(self._pre),
                          nn.modules.module.register_module_forward_hook(self._post)]
         return super().__enter__()
@@ -225,28 +234,31 @@ class observe(TorchFunctionMode):
         self._handles.clear()
         self._inputs.clear()
         self._normed.clear()
-        left = any(popped for _, popped in self._running)   # an exception inside a passed-over module
+        left = any(popped for _, popped, _ in self._running)   # an exception inside a passed-over module
         self._running.clear()
         self._inside = 0
         return None if left else super().__exit__(*exc)
 
     def _pre(self, mod, args):
-        over = self._over.get(id(mod))
-        if over is None or self._running or self._inside:   # another model's module, or inside one passed over
+        kind = self._kinds.get(id(mod))
+        if kind is None or self._running or self._inside:   # another model's module, or inside one passed over
             return None
-        for t in output_tensors(list(args)):
-            self._inputs[id(t)] = t
-        if isinstance(mod, nn.Softmax) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 \
+        if len(args) == 1 and type(args[0]) is torch.Tensor:   # the common case, without a walk
+            self._inputs[id(args[0])] = args[0]
+        else:
+            for t in output_tensors(list(args)):
+                self._inputs[id(t)] = t
+        if kind & _SOFTMAX_MODULE and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 \
                 and mod.dim in (-1, 3) and torch.is_grad_enabled():
             self._attention(args[0])   # an nn.Softmax over the keys of (batch, heads, queries, keys) logits
-        if over:   # nothing inside it is looked for: leave the mode while it runs (its calls cost nothing then)
+        if kind & _OVER:   # nothing inside it is looked for: leave the mode while it runs (its calls cost nothing then)
             top = torch.overrides._get_current_function_mode() is self
             if top:
                 TorchFunctionMode.__exit__(self, None, None, None)
             else:   # another mode above ours: stay, and let __torch_function__ pass the calls through
                 self._inside += 1
-            self._running.append((id(mod), top))
-        if isinstance(mod, nn.MultiheadAttention) and len(args) >= 2:   # its logits, the mode left or passing
+            self._running.append((id(mod), top, kind))
+        if kind & _ATTENTION and len(args) >= 2:   # its logits, the mode left or passing
             logit = attention_logit(mod, args[0], args[1])
             if logit is not None:
                 self.makeup.attention_logit = max(logit, self.makeup.attention_logit or 0.0)
@@ -255,12 +267,12 @@ class observe(TorchFunctionMode):
     def _post(self, mod, args, out):
         if not self._running or self._running[-1][0] != id(mod):
             return
-        _, left = self._running.pop()
+        _, left, kind = self._running.pop()
         if left:
             TorchFunctionMode.__enter__(self)
         else:
             self._inside -= 1
-        if isinstance(mod, _NORMS) and isinstance(out, torch.Tensor):   # can be a post-LN block's skip path
+        if kind & _NORM and isinstance(out, torch.Tensor):   # can be a post-LN block's skip path
             self._normed[id(out)] = out
 
     def _attention(self, logits: torch.Tensor) -> None:

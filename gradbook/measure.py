@@ -14,7 +14,6 @@ gradient arriving at the output is independent of the weights: :func:`random_dir
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -23,30 +22,14 @@ import torch
 from torch import nn
 
 from ._checks import choice
-from .batches import call, check_batch, default_loss, loss_of
+from .batches import check_batch, default_loss
 from .makeup import Makeup, observe
+from .onepass import kept_buffers, run
 from .records import Snapshot, eager, layers, output_tensor, weight_norms, weight_tensors
-from .watch import watch
 
 __all__ = ["gradients", "activations", "capture", "stream", "Stream", "through_time", "input_gradients",
            "measured_factors", "factor_per_layer", "jacobian_singular_values", "random_direction",
-           "RandomDirection", "kept_buffers", "snapshot_weights", "update_ratios", "evidence", "Evidence"]
-
-
-class kept_buffers:
-    """Restore every buffer of ``model`` (BatchNorm running statistics, counters) on exit, so that a
-    measurement pass in training mode leaves the model exactly as it found it."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for b, old in self.saved:
-                b.copy_(old)
+           "RandomDirection", "snapshot_weights", "update_ratios", "evidence", "Evidence"]
 
 
 class RandomDirection:
@@ -78,32 +61,6 @@ def random_direction(like, dtype: torch.dtype | None = None, generator: torch.Ge
     return RandomDirection(r)
 
 
-def _forward_backward(model, inputs, targets, loss_fn, probe: watch, *, autocast=None, seen=None) -> tuple[Snapshot, float]:
-    """One checked forward and backward pass under ``probe`` (a watch on ``model``) that leaves no ``.grad``
-    behind: its :class:`Snapshot` (``weight_grad_norm`` read by the probe as the pass ended; 0 without a
-    backward pass) and the loss. ``autocast``: the forward pass's dtype under ``torch.autocast``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: there is no gradient to measure")
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    device = params[0].device.type
-    try:
-        with torch.autocast(device, dtype=autocast, enabled=autocast is not None), seen or nullcontext():
-            loss = loss_of(call(model, inputs), targets, loss_fn)
-        value = float(loss.detach())
-        if np.isfinite(value):
-            loss.backward()
-        snap = probe.trace[-1]
-        if not np.isfinite(value) or np.isnan(snap.weight_grad_norm).all():   # no backward pass was read
-            snap.weight_grad_norm = weight_norms(layers(model), grads=True)
-        return snap, value
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-
-
 def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
               level: str = "full") -> Snapshot:
     """Measure one forward and backward pass of ``model`` on a batch.
@@ -112,11 +69,8 @@ def gradients(model: nn.Module, inputs, targets=None, loss_fn: Callable | None =
     :func:`gradbook.batches.call` returned. The parameters' ``.grad`` and the model's buffers are left as
     they were. A model compiled with ``torch.compile`` is measured through the module it compiled, in eager mode.
     """
-    model = eager(model)
     check_batch(inputs, targets, default_loss=loss_fn is None)
-    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level=level, all_ranks=True, spikes=False) as w:
-        snap, _ = _forward_backward(model, inputs, targets, loss_fn, w)
-    return snap
+    return run(eager(model), inputs, targets, loss_fn, level=level)[0]
 
 
 @dataclass
@@ -163,8 +117,7 @@ def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
         inputs, got, handle = _time_hook(model, inputs, time_dim)
     seen = observe(model, weight_norm := weight_norms(layers(model)))   # one pass over the weights, shared
     try:
-        with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True, spikes=False) as w:
-            snap, loss = _forward_backward(model, inputs, targets, loss_fn, w, autocast=autocast, seen=seen)
+        snap, loss = run(model, inputs, targets, loss_fn, autocast=autocast, seen=seen)
     finally:
         if handle is not None:
             handle.remove()
@@ -179,11 +132,7 @@ def activations(model: nn.Module, inputs) -> Snapshot:
     The model runs in its current mode (a batch-norm layer in training mode normalizes with this batch's
     statistics); its running statistics are left untouched.
     """
-    with torch.enable_grad(), kept_buffers(model), watch(model, every=1, level="full", all_ranks=True, spikes=False) as w:
-        call(eager(model), inputs)
-    snap = w.trace[-1]
-    snap.weight_grad_norm = snap.grad_norm = None
-    return snap
+    return run(eager(model), inputs, backward=False)[0]
 
 
 def capture(model: nn.Module, inputs, module: nn.Module, what: str = "input") -> torch.Tensor:

@@ -7,6 +7,7 @@ What the steps become: a :class:`WatchTrace`, and for each exporter a :class:`St
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -16,10 +17,16 @@ from torch import nn
 
 from . import activations as _acts
 from . import distributed as dist
-from .records import SAFE_RANGE, Trace, norms, output_tensor
+from .records import ACTIVATION_FIELDS, FIELDS, LAYER_FIELDS, SAFE_RANGE, Trace, norms, output_tensor, weight_tensors
 from .spikes import Spike
 
-__all__ = ["Step", "StepHooks", "GradNorms", "Updates", "to_numpy", "WatchTrace", "StepRecord"]
+__all__ = ["LEVELS", "MEASURING", "Step", "StepHooks", "GradNorms", "Updates", "to_numpy", "split_rows", "WatchTrace",
+           "StepRecord"]
+
+#: ``"norms"``: per-layer weight-gradient norms only (cheap enough to leave on); ``"full"``: everything.
+LEVELS = ["full", "norms"]
+#: Models inside a one-off measurement (:func:`gradbook.onepass.run`): a watch on them ignores that pass.
+MEASURING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
@@ -48,14 +55,15 @@ def _value(t: torch.Tensor):
     return t.item() if t.device.type == "cpu" else t
 
 
-def _moments(y: torch.Tensor) -> tuple:
-    """(mean, ||y - mean||) over all entries of ``y``, exact to float rounding. On the CPU, in float32 or
-    float64, from one pass (the sum and the norm, no temporary) when that loses no accuracy (the variance is
-    at least a quarter of the mean square, so subtracting the squared mean cancels less than 2 bits); else,
-    and elsewhere, from two passes."""
+def _moments(y: torch.Tensor, total: torch.Tensor | None = None) -> tuple:
+    """(mean, ||y - mean||) over all entries of ``y``, exact to float rounding (``total``: their sum, if the
+    caller has it). On the CPU, in float32 or float64, from one pass (the sum and the norm, no temporary)
+    when that loses no accuracy (the variance is at least a quarter of the mean square, so subtracting the
+    squared mean cancels less than 2 bits); else, and elsewhere, from two passes."""
     if y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64):
         n = y.numel()
-        mean, square = y.sum().item() / n, torch.linalg.vector_norm(y).item() ** 2 / n
+        mean = (y.sum() if total is None else total).item() / n
+        square = torch.linalg.vector_norm(y).item() ** 2 / n
         var = square - mean * mean
         if var >= 0.25 * square and math.isfinite(var):
             return mean, math.sqrt(var * n)
@@ -69,6 +77,11 @@ def _norm(g: torch.Tensor):
         return norms([g])[0]
     n = torch.linalg.vector_norm(g).item()
     return n if g.dtype == torch.float64 or SAFE_RANGE[0] <= n <= SAFE_RANGE[1] else norms([g])[0].item()
+
+
+def _per_unit(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as (examples, units): axis 0 is the batch, every other axis a unit (a channel at a position)."""
+    return y.reshape(y.shape[0], -1) if y.dim() > 1 else y.reshape(-1, 1)
 
 
 class Step:
@@ -175,7 +188,8 @@ class StepHooks:
                 if active():
                     with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
                         calls.append(_norm(g.detach()))
-            y.register_hook(self._wrap(on_grad))
+            with torch._C.DisableTorchFunction():   # not an operation a function mode need see
+                y.register_hook(self._wrap(on_grad))
             return None
         return hook
 
@@ -185,23 +199,26 @@ class StepHooks:
         d = act.derivative(x.detach())
         below = (_acts.SATURATION_THRESHOLD * act.gamma - d).sign_().clamp_min_(0).sum()  # count of d < thr
         step.sat[j].append((_value(below), d.numel()))
-        StepHooks._keep_peak(step, j, d.abs())
+        StepHooks._keep_peak(step, j, _per_unit(d.abs()).amax(0))  # 10x faster than an inf-norm
 
     @staticmethod
-    def _keep_peak(step: Step, j: int, d: torch.Tensor) -> None:
-        """Keep the largest |phi'| of each unit (``d``, non-negative) over the batch, and over calls."""
-        peak = (d.reshape(d.shape[0], -1) if d.dim() > 1 else d.reshape(-1, 1)).amax(0)  # 10x faster than an inf-norm
+    def _keep_peak(step: Step, j: int, peak: torch.Tensor) -> None:
+        """Keep ``peak``, each unit's largest |phi'| over the batch (or a non-negative number that is 0 exactly
+        where that is 0), and its largest over calls."""
         prev = step.alive[j]
         step.alive[j] = peak if prev is None else (torch.maximum(prev, peak) if prev.shape == peak.shape else prev)
 
     @staticmethod
-    def _relu_stats(step: Step, j: int, y: torch.Tensor) -> None:
-        """ReLU's saturation and dead units read from its output y = max(x, 0): phi'(x) = 1 where y > 0 and 0
-        elsewhere, so the count below the threshold is the count of zeros and a unit is dead where y is 0
-        for every example (two kernels fewer than from the input, and right for ``inplace=True``)."""
-        positive = y.sign().sum()
+    def _relu_stats(step: Step, j: int, y: torch.Tensor) -> torch.Tensor:
+        """ReLU's saturation and dead units read from its output y = max(x, 0), and the sum of y: phi'(x) = 1
+        where y > 0 and 0 elsewhere, so the count below the threshold is the count of zeros; as y >= 0, a
+        unit's sum over the batch is 0 exactly where the unit is 0 for every example, so it stands for the
+        unit's largest phi' in :meth:`_keep_peak` (three passes over y, and right for ``inplace=True``). Counts are summed in float32 (float64 for float64), exact up to 2^24."""
+        positive = y.sign().sum(dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
         step.sat[j].append((y.numel() - _value(positive), y.numel()))
-        StepHooks._keep_peak(step, j, y)
+        per_unit = _per_unit(y).sum(0)
+        StepHooks._keep_peak(step, j, per_unit)
+        return per_unit.sum()
 
     def _act_input_hook(self, j: int, act: _acts.Activation):
         def hook(module, args):
@@ -222,11 +239,10 @@ class StepHooks:
                 return None
             with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
                 y = y.detach()
-                if relu:
-                    self._relu_stats(step, j, y)
-                elif act is not None and args and isinstance(args[0], torch.Tensor):
+                total = self._relu_stats(step, j, y) if relu else None
+                if not relu and act is not None and args and isinstance(args[0], torch.Tensor):
                     self._input_stats(step, j, act, args[0])
-                step.out[j].append((y.numel(), *_moments(y)))
+                step.out[j].append((y.numel(), *_moments(y, total)))
             return None
         return hook
 
@@ -247,20 +263,28 @@ class GradNorms:
         self.owner, self.n_layers = owner, n_layers
         self._key = None
 
+    @classmethod
+    def of_layers(cls, layers: list, params: list[torch.Tensor]) -> "GradNorms":
+        """For the gradients of ``params``, with each layer's norm over its weight tensors
+        (:func:`gradbook.records.weight_tensors` of ``layers``, (name, module) pairs)."""
+        owned = {id(w): i for i, (_, m) in enumerate(layers) for w in weight_tensors(m)}
+        return cls([owned.get(id(p), -1) for p in params], len(layers))
+
     def _plan(self, grads: list, keep: list[int]) -> None:
         alone = [k for k in keep if self.owner[k] >= 0 or dist.is_sharded(grads[k]) or grads[k].numel() > SMALL]
-        rest = [k for k in keep if k not in set(alone)]
+        alone_set = set(alone)
+        rest = [k for k in keep if k not in alone_set]
         kinds = {(grads[k].dtype, grads[k].device, grads[k].layout) for k in rest}
         if len(kinds) > 1 or any(layout != torch.strided for _, _, layout in kinds):
             alone, rest = keep, []
         self._alone, self._rest = alone, rest
         self._sharded = [dist.is_sharded(grads[k]) for k in alone] + [False] * bool(rest)
-        sums = torch.zeros(1 + self.n_layers, len(alone) + bool(rest), dtype=torch.float64, device=grads[keep[0]].device)
+        sums = np.zeros((1 + self.n_layers, len(alone) + bool(rest)))
         sums[0] = 1   # row 0: every gradient; row 1 + i: layer i's
         for j, k in enumerate(alone):
             if self.owner[k] >= 0:
                 sums[1 + self.owner[k], j] = 1
-        self._sums = sums
+        self._sums = torch.from_numpy(sums).to(grads[keep[0]].device)
 
     def __call__(self, grads: list) -> tuple[torch.Tensor, torch.Tensor] | None:
         keep = [k for k, g in enumerate(grads) if g is not None]
@@ -310,6 +334,20 @@ class Updates:
         per_layer = [sq.new_zeros(self.n_layers).index_add_(0, self._index, s) for s in (sq, self._weight_sq)]
         self._weight_sq = None
         return (per_layer[0] / per_layer[1].clamp_min(1e-300)).sqrt()
+
+
+def split_rows(rows: np.ndarray, n_layers: int, n_acts: int, full: bool) -> dict[str, np.ndarray | None]:
+    """The fields (:data:`gradbook.records.FIELDS`) of rows laid out by :meth:`Step.row`, each of shape
+    (rows, layers or activations); without ``full`` (``level="norms"``) only the weight-gradient norms."""
+    L, (weight, grad) = n_layers, LAYER_FIELDS
+    out = dict.fromkeys(FIELDS)
+    out[weight] = rows[:, :L]
+    if full:
+        out[grad] = rows[:, L:2 * L]
+        stats = rows[:, 2 * L:].reshape(len(rows), len(ACTIVATION_FIELDS), n_acts)
+        for k, name in enumerate(ACTIVATION_FIELDS):
+            out[name] = stats[:, k]
+    return out
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import nn
 from . import activations as _acts
 
 __all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "weight_norms", "activation_modules",
-           "recurrent_modules", "output_tensor", "output_tensors", "norms", "eager"]
+           "recurrent_modules", "is_layer", "is_recurrent", "output_tensor", "output_tensors", "norms", "eager"]
 
 #: The module types measured as layers (those with a trainable parameter).
 LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase,
@@ -91,10 +91,19 @@ class Trace(Fields):
                        **{k: (None if getattr(self, k) is None else getattr(self, k)[keep]) for k in FIELDS})
 
 
-def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs that gradbook measures as layers, in registration order."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, LAYER_TYPES) and any(p.requires_grad for p in m.parameters(recurse=False))]
+def is_layer(module: nn.Module) -> bool:
+    """Whether gradbook measures ``module`` as a layer: one of :data:`LAYER_TYPES` with a trainable parameter of its own."""
+    return isinstance(module, LAYER_TYPES) and any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _named(model) -> list:
+    return list(model.named_modules()) if isinstance(model, nn.Module) else model
+
+
+def layers(model) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs that gradbook measures as layers (:func:`is_layer`), in registration order.
+    ``model``: a module, or the list of its ``named_modules()`` if the caller has it (one walk less)."""
+    return [(n, m) for n, m in _named(model) if is_layer(m)]
 
 
 def eager(model: nn.Module) -> nn.Module:
@@ -124,19 +133,25 @@ def weight_norms(named: list, grads: bool = False) -> np.ndarray:
     return np.sqrt(np.bincount([i for i, _ in tensors], weights=sq, minlength=len(named)))
 
 
-def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module, _acts.Activation]]:
-    """The (name, module, Activation) triples of the activation modules gradbook knows, in order."""
+def activation_modules(model) -> list[tuple[str, nn.Module, _acts.Activation]]:
+    """The (name, module, Activation) triples of the activation modules gradbook knows, in order.
+    ``model``: a module, or the list of its ``named_modules()``."""
     out = []
-    for n, m in model.named_modules():
+    for n, m in _named(model):
         act = _acts.from_module(m)
         if act is not None:
             out.append((n, m, act))
     return out
 
 
+def is_recurrent(module: nn.Module) -> bool:
+    """Whether ``module`` is recurrent: torch's RNN/LSTM/GRU, or a module whose class has a ``states`` method."""
+    return isinstance(module, nn.RNNBase) or callable(getattr(type(module), "states", None))
+
+
 def recurrent_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's recurrent modules: torch's RNN/LSTM/GRU and anything with a ``states`` method."""
-    return [m for m in model.modules() if isinstance(m, nn.RNNBase) or hasattr(m, "states")]
+    """The model's recurrent modules (:func:`is_recurrent`)."""
+    return [m for m in model.modules() if is_recurrent(m)]
 
 
 def output_tensor(out) -> torch.Tensor | None:
@@ -186,4 +201,4 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     for i, v in enumerate(values):   # checked on the host: no tensor operation per check
         if not lo <= v <= hi and tensors[i].dtype != torch.float64:
             values[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).item()
-    return torch.tensor(values, dtype=torch.float64)
+    return torch.from_numpy(np.array(values, dtype=np.float64))

@@ -31,14 +31,12 @@ from torch import nn
 
 from . import distributed as dist
 from ._checks import choice, positive_int
-from .probe import GradNorms, Step, StepHooks, StepRecord, Updates, WatchTrace, to_numpy
-from .records import ACTIVATION_FIELDS, activation_modules, eager, layers, output_tensors, weight_tensors
+from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, StepRecord, Updates, WatchTrace, split_rows, to_numpy
+from .records import activation_modules, eager, layers, output_tensors, weight_tensors
 from .spikes import THRESHOLD, WINDOW, Detector, SpikeWarning
 
-__all__ = ["watch", "LEVELS"]
+__all__ = ["watch"]
 
-#: ``"norms"``: per-layer weight-gradient norms only (cheap enough to leave on); ``"full"``: everything.
-LEVELS = ["full", "norms"]
 #: Recorded steps kept as tensors before they are converted to numbers in one transfer.
 BATCH = 64
 
@@ -103,7 +101,8 @@ class watch:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch needs a torch.nn.Module, got {type(model).__name__}")
         self.model = dist.unwrap(model)
-        compiled = eager(model) is not model or any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+        modules = list(self.model.named_modules())   # one walk over the modules, shared below
+        compiled = eager(model) is not model or any(getattr(m, "_compiled_call_impl", None) for _, m in modules)
         self.every = positive_int("every", every)
         self.level = choice("level", level, LEVELS)
         self.spikes = choice("spikes", spikes, [True, False, "warn"])
@@ -114,19 +113,19 @@ class watch:
             raise ValueError(f"ratios must be True, False or a positive int (every k-th recorded step), got {ratios!r}")
         self.ratios = int(ratios) if optimizer is not None else 0   # 0: none, k: every k-th recorded step
         self.export = [export] if callable(export) else list(export)
-        self._layers = layers(self.model)
+        self._layers = layers(modules)
         self._names = [n for n, _ in self._layers]
         self._detector = Detector(self._names, window, threshold)
-        self._acts = activation_modules(self.model) if level == "full" else []
+        self._acts = activation_modules(modules) if level == "full" else []
         weights = [weight_tensors(m) for _, m in self._layers]
         flat_weights = [p for ws in weights for p in ws]
         owner = [i for i, ws in enumerate(weights) for _ in ws]
         self._updates = Updates(flat_weights, owner, len(self._layers))
-        owned = {id(p): i for p, i in zip(flat_weights, owner)}
-        self._params = [p for p in dict.fromkeys(self.model.parameters()) if p.requires_grad]
-        self._grad_norms = GradNorms([owned.get(id(p), -1) for p in self._params], len(self._layers))
+        self._params = [p for p in dict.fromkeys(p for _, m in modules for p in m.parameters(recurse=False))
+                        if p.requires_grad]
+        self._grad_norms = GradNorms.of_layers(self._layers, self._params)
         self._handles: list = []        # for the whole watch
-        self._hooks = StepHooks(self._layers, self._acts, lambda: self._current, lambda: self._attached, compiled)
+        self._hooks = StepHooks(self._layers, self._acts, self._recording, lambda: self._attached, compiled)
         self._compiled, self._found, self._losses = compiled, [], []
         self._steps: list[Step] = []   # recorded steps not yet converted to numbers
         self._done_steps: list[int] = []
@@ -202,8 +201,12 @@ class watch:
             self._steps.append(self._current)
         self._add_step_hooks()
 
+    def _recording(self) -> Step | None:
+        """The step the per-layer hooks add to: None during a one-off measurement of the model (:mod:`gradbook.onepass`)."""
+        return None if self.model in MEASURING else self._current
+
     def _on_root_forward(self, module, args):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or self.model in MEASURING:   # not a training step
             return
         self._open = True
         if self.optimizer is not None:   # all passes until the optimizer steps belong to one step
@@ -218,7 +221,7 @@ class watch:
         self._count += 1
 
     def _on_root_output(self, module, args, out):
-        step = self._current
+        step = self._recording()
         ys = [y for y in output_tensors(out) if y.requires_grad]   # a tensor, a tuple, a dict, ...
         if step is None or not ys or not self._params:
             return None
@@ -376,12 +379,8 @@ class watch:
         rows = np.concatenate([*self._done_rows, self._rows(self._steps)])
         steps = np.array(self._done_steps + [s.index for s in self._steps], dtype=int)
         out = WatchTrace([n for n, _ in self._layers], [n for n, _, _ in self._acts], steps)
-        out.weight_grad_norm = rows[:, :L]                 # the layout of Step.row
-        if self.level == "full":
-            out.grad_norm = rows[:, L:2 * L]
-            stats = rows[:, 2 * L:].reshape(len(rows), len(ACTIVATION_FIELDS), A)
-            for k, name in enumerate(ACTIVATION_FIELDS):
-                setattr(out, name, stats[:, k])
+        for name, value in split_rows(rows, L, A, self.level == "full").items():
+            setattr(out, name, value)
         extra = [self._extra.get(int(i), (np.nan, np.nan, False, None)) for i in steps]
         out.total_grad_norm = np.array([e[0] for e in extra], dtype=float)
         out.loss = np.array([e[1] for e in extra], dtype=float)

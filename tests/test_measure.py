@@ -582,10 +582,36 @@ def test_second_watch_on_same_model_raises_until_first_exits():
             gb.watch(net).attach()
         with pytest.raises(RuntimeError):
             w.attach()
-        with pytest.raises(RuntimeError):
-            gb.gradients(net, *batch())
     with gb.watch(net):
         pass
+    _no_hooks(net)
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_a_one_off_measurement_inside_a_watch_is_not_a_training_step(with_optimizer):
+    """gb.gradients and gb.diagnose in the middle of a watched run: the same numbers as outside it, and the
+    watch's records neither gain a step nor change."""
+    net = make_mlp("tanh")
+    x, y = batch()
+    alone, verdict = gb.gradients(net, x, y), gb.diagnose(net, x, y).verdict
+    opt = torch.optim.SGD(net.parameters(), lr=0.0) if with_optimizer else None
+    with gb.watch(net, optimizer=opt) as w:
+        F.cross_entropy(net(x), y).backward()
+        if opt is not None:
+            opt.step()
+        before = w.trace
+        inside = gb.gradients(net, x, y)
+        assert gb.diagnose(net, x, y).verdict == verdict
+        after = w.trace
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        if opt is not None:
+            opt.step()
+    for k in gb.records.FIELDS:
+        np.testing.assert_allclose(getattr(inside, k), getattr(alone, k), rtol=1e-6)
+        np.testing.assert_array_equal(getattr(after, k), getattr(before, k))
+    assert len(before) == len(after) == 1 and len(w.trace) == 2
+    np.testing.assert_allclose(w.trace.weight_grad_norm[1], w.trace.weight_grad_norm[0], rtol=1e-6)
     _no_hooks(net)
 
 

@@ -1,0 +1,101 @@
+"""One measured pass outside a training loop: :func:`run` measures one forward (and backward) pass of a
+batch with the per-layer hooks of a recorded step and leaves the model as it found it.
+
+It is what :mod:`gradbook.measure` and :func:`gradbook.diagnosis.diagnose` measure with. The hooks and
+the numbers are those of a step recorded by :class:`gradbook.watch.watch` (:class:`gradbook.probe.StepHooks`,
+:class:`gradbook.probe.GradNorms`), without a training loop's machinery: no step counting, no optimizer or
+scaler hooks, no spike detection, no exporters, no trace of many steps. On a small model that machinery
+costs more than the hooks themselves (about 1 ms of the 20 ms a diagnosis takes on the benchmark's MLP).
+
+A watch attached to the same model ignores the pass: the model is listed in
+:data:`gradbook.probe.MEASURING` while it runs, so a diagnosis in the middle of a watched training run
+neither counts as a training step nor adds to the step being recorded.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as dist
+from ._checks import choice
+from .batches import call, loss_of
+from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, split_rows, to_numpy
+from .records import Snapshot, activation_modules, layers
+
+__all__ = ["run", "kept_buffers"]
+
+
+class kept_buffers:
+    """Restore every buffer of ``model`` (BatchNorm running statistics, counters) on exit, so that a
+    measurement pass in training mode leaves the model exactly as it found it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, old in self.saved:
+                b.copy_(old)
+
+
+def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *, level: str = "full",
+        backward: bool = True, autocast: torch.dtype | None = None, seen=None) -> tuple[Snapshot, float]:
+    """Measure one pass of ``model`` on a batch: its :class:`gradbook.records.Snapshot` and the loss.
+
+    ``level``: ``"full"`` (every field) or ``"norms"`` (weight-gradient norms only). With ``backward``,
+    the loss ``loss_fn(output, targets)`` (:func:`gradbook.batches.loss_of`) is back-propagated when it is
+    finite (a non-finite loss is returned, not back-propagated: weight-gradient norms 0); without, only the
+    forward pass runs (the gradient fields are None, the loss NaN). ``autocast``: the forward pass's dtype
+    under ``torch.autocast``. ``seen``: a context entered around the forward pass and the loss (a
+    :class:`gradbook.makeup.observe`). The parameters' ``.grad`` and the buffers are left as they were.
+    Hooks go on the modules of the model a DDP or ``torch.compile`` wrapper runs; the pass runs ``model``.
+    """
+    choice("level", level, LEVELS)
+    inner = dist.unwrap(model)
+    modules = list(inner.named_modules())
+    named = layers(modules)
+    acts = activation_modules(modules) if level == "full" else []
+    compiled = any(getattr(m, "_compiled_call_impl", None) for _, m in modules)
+    params = [p for p in dict.fromkeys(p for _, m in modules for p in m.parameters(recurse=False)) if p.requires_grad]
+    if backward and not params:
+        raise ValueError("the model has no trainable parameters: there is no gradient to measure")
+    step, on = Step(0, len(named), len(acts)), [True]
+    hooks = StepHooks(named, acts, lambda: step if on[0] else None, lambda: on[0], compiled)
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    device = params[0].device.type if params else "cpu"
+    value = float("nan")
+    MEASURING.add(inner)
+    try:
+        if level == "full":
+            hooks.add()
+        with torch.enable_grad(), kept_buffers(model):
+            with torch.autocast(device, dtype=autocast, enabled=autocast is not None), seen or nullcontext():
+                out = call(model, inputs)
+                loss = loss_of(out, targets, loss_fn) if backward else None
+            if backward:
+                value = float(loss.detach())
+                if np.isfinite(value):
+                    loss.backward()
+                norms = GradNorms.of_layers(named, params)([p.grad for p in params])
+                step.total, step.weight = norms if norms is not None else (None, torch.zeros(len(named), dtype=torch.float64))
+    finally:
+        on[0] = False
+        hooks.remove()
+        MEASURING.discard(inner)
+        for p, g in zip(params, saved):
+            p.grad = g
+    row = step.row(iter(to_numpy(step.tensors())))[None]
+    fields = split_rows(row, len(named), len(acts), level == "full")
+    if not backward:
+        fields["weight_grad_norm"] = fields["grad_norm"] = None
+    return Snapshot(0, [n for n, _ in named], [n for n, _, _ in acts], **{k: v[0] if v is not None else None
+                                                                          for k, v in fields.items()}), value

@@ -1,0 +1,108 @@
+"""gradbook.onepass: one measured pass, with the numbers of a step recorded by gb.watch, leaving the model as it was."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradbook as gb
+from gradbook.onepass import run
+from gradbook.probe import MEASURING
+
+
+def _net(seed=0, norm=None):
+    torch.manual_seed(seed)
+    return gb.mlp(4, 16, "tanh", "xavier_normal", in_dim=6, out_dim=3, norm=norm)
+
+
+def _batch(seed=1, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_the_same_numbers_as_a_step_recorded_by_watch():
+    net, (x, y) = _net(), _batch()
+    snap, loss = run(net, x, y)
+    with gb.watch(net) as w:
+        F.cross_entropy(net(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    recorded = w.trace[-1]
+    assert snap.layers == recorded.layers and snap.activations == recorded.activations
+    for k in gb.records.FIELDS:
+        np.testing.assert_allclose(getattr(snap, k), getattr(recorded, k), rtol=1e-6, err_msg=k)
+    with torch.no_grad():
+        assert loss == pytest.approx(float(F.cross_entropy(net(x), y)), rel=1e-6)
+
+
+def test_relu_statistics_against_a_direct_count():
+    """Saturated: the fraction of ReLU outputs that are 0; dead: units 0 for every example; mean and std."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 3))
+    with torch.no_grad():
+        net[0].bias[:10] = -50.0          # ten units dead on every example
+    x = torch.randn(200, 6)
+    h = torch.relu(net[0](x)).detach()
+    snap, _ = run(net, x, torch.randint(0, 3, (200,)))
+    assert snap.saturated[0] == pytest.approx(float((h == 0).double().mean()), abs=1e-12)
+    assert snap.dead[0] == pytest.approx(float((h.amax(0) == 0).double().mean()), abs=1e-12)
+    assert snap.dead[0] >= 10 / 64
+    assert snap.act_mean[0] == pytest.approx(float(h.double().mean()), rel=1e-6)
+    assert snap.act_std[0] == pytest.approx(float(h.double().std(unbiased=False)), rel=1e-5)
+
+
+def test_relu_counts_are_exact_in_bfloat16():
+    """A bfloat16 sum holds 8 significant bits: counts are taken in float32, so a fraction is not rounded."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 257), nn.ReLU(), nn.Linear(257, 3)).to(torch.bfloat16)
+    x = torch.randn(61, 6, dtype=torch.bfloat16)
+    h = torch.relu(net[0](x)).detach()
+    snap, _ = run(net, x, torch.randint(0, 3, (61,)))
+    assert snap.saturated[0] == float((h == 0).double().mean())
+
+
+def test_model_left_as_it_was():
+    net, (x, y) = _net(norm="batch"), _batch()
+    F.cross_entropy(net(x), y).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    buffers = [b.clone() for b in net.buffers()]
+    run(net, x, y)
+    for p, g in zip(net.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    for b, old in zip(net.buffers(), buffers):
+        assert torch.equal(b, old)
+    assert net not in MEASURING
+    for _, m in net.named_modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_forward_only_and_norms_level():
+    net, (x, y) = _net(), _batch()
+    fwd, loss = run(net, x, backward=False)
+    assert fwd.weight_grad_norm is None and fwd.grad_norm is None and np.isnan(loss)
+    assert np.isfinite(fwd.act_std).all()
+    norms, _ = run(net, x, y, level="norms")
+    assert norms.grad_norm is None and norms.act_std is None and norms.activations == []
+    np.testing.assert_allclose(norms.weight_grad_norm, run(net, x, y)[0].weight_grad_norm, rtol=1e-6)
+
+
+def test_a_non_finite_loss_is_returned_not_back_propagated():
+    net, (x, y) = _net(), _batch()
+    snap, loss = run(net, x, y, loss_fn=lambda out, t: out.sum() * float("inf"))
+    assert not np.isfinite(loss)
+    assert (snap.weight_grad_norm == 0).all()
+
+
+def test_bad_arguments_and_a_failing_forward_leave_nothing_behind():
+    net, (x, y) = _net(), _batch()
+    with pytest.raises(ValueError, match="level"):
+        run(net, x, y, level="everything")
+    frozen = _net().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        run(frozen, x, y)
+    with pytest.raises(ValueError, match="expects in_features=6"):
+        run(net, torch.randn(4, 7), y)   # the wrong input width, said by gradbook.batches.call
+    assert net not in MEASURING
+    for _, m in net.named_modules():
+        assert not m._forward_hooks
