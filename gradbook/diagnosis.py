@@ -213,7 +213,8 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     model = eager(model)
-    named = layers(model)
+    modules = list(model.named_modules())
+    named = layers(modules)
     if not named:
         raise ValueError("the model has no trainable Linear, Conv, RNN, attention or Embedding layer to diagnose")
     dim = time_dim if time_dim is not None else _time_dim(model, inputs)
@@ -222,7 +223,7 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
         return _nonfinite_loss(model, named, inputs, ev, lr, autocast)
     snap = ev.snapshot
     return _from_evidence(model, named, snap.weight_grad_norm, snap.grad_norm, snap.act_std, snap.saturated,
-                          snap.dead, ev.time_grad, lr, ev.makeup, ev.loss, ev.weight_norm)
+                          snap.dead, ev.time_grad, lr, ev.makeup, ev.loss, ev.weight_norm, activation_modules(modules))
 
 
 def _nonfinite_loss(model, named, inputs, ev, lr, autocast) -> "Diagnosis":
@@ -300,8 +301,8 @@ def _profiles(named, rel, act_std, tgrad, makeup: Makeup) -> tuple[dict, list[st
 
 
 def _from_evidence(model, named, wgrad, gnorm, act_std, saturated, dead, tgrad, lr, makeup=None, loss=None,
-                   wnorm=None) -> Diagnosis:
-    acts = activation_modules(model)
+                   wnorm=None, acts=None) -> Diagnosis:
+    acts = activation_modules(model) if acts is None else acts
     wnorm = weight_norms(named) if wnorm is None else wnorm
     makeup = makeup or describe(model, wnorm)
     wgrad = np.asarray(wgrad, dtype=float)

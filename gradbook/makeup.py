@@ -171,8 +171,18 @@ def describe(model: nn.Module, weight_norm=None) -> Makeup:
         activation_types={type(m).__name__ for n, m in named if n in known},
         unknown_activations=unknown,
         init_gain=_init_gains(measured, weight_norm),
-        low_precision=[n for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
+        low_precision=[n for n, p in _named_parameters(named) if p.requires_grad and p.is_floating_point()
                        and p.dtype.itemsize <= 2])
+
+
+def _named_parameters(named: list):
+    """``model.named_parameters()`` from the list of its ``named_modules()`` (without walking it again)."""
+    seen = set()
+    for prefix, m in named:
+        for n, p in m.named_parameters(prefix=prefix, recurse=False):
+            if p not in seen:
+                seen.add(p)
+                yield n, p
 
 
 def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:

@@ -177,19 +177,23 @@ class StepHooks:
         self._step_handles.clear()
 
     def _layer_hook(self, i: int):
+        wrap, active = self._wrap, self._active
+
         def hook(module, args, out):
             step = self._current()
-            y = output_tensor(out)
-            if step is None or y is None or not y.requires_grad:
+            if step is None:
                 return None
-            calls, active = step.grad[i], self._active
+            with torch._C.DisableTorchFunction():   # nothing here for a function mode to see (nor its cost)
+                y = output_tensor(out)
+                if y is None or not y.requires_grad:
+                    return None
+                calls = step.grad[i]
 
-            def on_grad(g):
-                if active():
-                    with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
-                        calls.append(_norm(g.detach()))
-            with torch._C.DisableTorchFunction():   # not an operation a function mode need see
-                y.register_hook(self._wrap(on_grad))
+                def on_grad(g):
+                    if active():
+                        with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
+                            calls.append(_norm(g.detach()))
+                y.register_hook(wrap(on_grad))
             return None
         return hook
 
@@ -213,7 +217,8 @@ class StepHooks:
         """ReLU's saturation and dead units read from its output y = max(x, 0), and the sum of y: phi'(x) = 1
         where y > 0 and 0 elsewhere, so the count below the threshold is the count of zeros; as y >= 0, a
         unit's sum over the batch is 0 exactly where the unit is 0 for every example, so it stands for the
-        unit's largest phi' in :meth:`_keep_peak` (three passes over y, and right for ``inplace=True``). Counts are summed in float32 (float64 for float64), exact up to 2^24."""
+        unit's largest phi' in :meth:`_keep_peak` (three passes over y, and right for ``inplace=True``). Counts
+        are summed in float32 (float64 for float64): exact up to 2^24 entries, where bfloat16 would round them."""
         positive = y.sign().sum(dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
         step.sat[j].append((y.numel() - _value(positive), y.numel()))
         per_unit = _per_unit(y).sum(0)
@@ -234,10 +239,12 @@ class StepHooks:
 
         def hook(module, args, out):
             step = self._current()
-            y = output_tensor(out)
-            if step is None or y is None or not torch.is_grad_enabled():   # not an evaluation pass
+            if step is None or not torch.is_grad_enabled():   # not an evaluation pass
                 return None
             with torch._C.DisableTorchFunction():   # on detached tensors: no graph is recorded
+                y = output_tensor(out)
+                if y is None:
+                    return None
                 y = y.detach()
                 total = self._relu_stats(step, j, y) if relu else None
                 if not relu and act is not None and args and isinstance(args[0], torch.Tensor):

@@ -9,6 +9,8 @@ decide a verdict. :func:`crossing` finds where a profile first strays beyond the
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
@@ -16,11 +18,20 @@ from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 __all__ = ["theil_sen", "log_points", "log_change", "crossing"]
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, k=1)
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float:
+    i, j = _pairs(len(x))
+    return float(np.median((y[j] - y[i]) / (x[j] - x[i])))
+
+
 def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """The Theil-Sen line through the points (x, y): the median of all pairwise slopes, and the median
     intercept (Theil 1950; Sen 1968). Robust to a few odd points, such as a read-out layer of another shape."""
-    i, j = np.triu_indices(len(x), k=1)
-    slope = float(np.median((y[j] - y[i]) / (x[j] - x[i])))
+    slope = _slope(x, y)
     return slope, float(np.median(y - slope * x))
 
 
@@ -39,7 +50,7 @@ def log_change(profile: np.ndarray) -> float:
     x, logs = log_points(profile)
     if len(x) < 2:
         return 0.0
-    return theil_sen(x, logs)[0] * float(x[-1] - x[0])
+    return _slope(x, logs) * float(x[-1] - x[0])
 
 
 def crossing(profile: np.ndarray, sign: int) -> int | None:
