@@ -13,6 +13,11 @@ step (the default), on every 10th (ratios=10) and, for "norms", on none; watch(l
 watch with its optimizer, spike detection, the loss logged and TensorBoard export), so that machine noise
 hits every arm alike; it reports the median step time of each, its ratio to plain, and the memory the
 monitor keeps per recorded step.
+
+(c) times one gb.diagnose call against one plain training step of the same model and batch (the MLP of (b),
+and a 4-layer pre-LN transformer on tokens), interleaved with the floor of any one-batch diagnosis by hooks
+(the same pass with one norm per layer output and the statistics of each activation module, the weights and
+their gradients read once, ``.grad`` left as it was; no gradbook code).
 """
 from __future__ import annotations
 
@@ -213,10 +218,45 @@ def _diagnose_models():
         torch.randint(0, 200, (16, 32)), torch.randint(0, 200, (16, 32))
 
 
-def diagnose_cost(repeats: int = 30) -> None:
+def _diagnosis_floor(model, x, y) -> None:
+    """Not a diagnosis: what any one-batch diagnosis by hooks must do, with no gradbook code. One forward and
+    backward pass that reads each layer's output gradient (a tensor hook, one norm) and each activation
+    module's output (its sum, norm, count of zeros and per-unit sums: mean, spread, saturated and dead
+    ReLU units), then one pass over the weight gradients and one over the weights, leaving ``.grad`` as it was."""
+    import torch
+    from torch import nn
+
+    import gradbook as gb
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    kept = []
+
+    def layer(m, args, out):
+        y = out[0] if isinstance(out, tuple) else out
+        y.register_hook(lambda g: kept.append(torch.linalg.vector_norm(g).item()))
+
+    def act(m, args, out):
+        y = out.detach()
+        kept.append((y.sum().item(), torch.linalg.vector_norm(y).item(), y.sign().sum().item(), y.sum(0)))
+    handles = [m.register_forward_hook(layer) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    handles += [m.register_forward_hook(act) for m in model.modules() if isinstance(m, (nn.ReLU, nn.GELU, nn.Tanh))]
+    gb.batches.default_loss(model(x), y).backward()
+    torch._foreach_norm([p.grad for p in params])
+    torch._foreach_norm([p.detach() for p in params])
+    for h in handles:
+        h.remove()
+    for p, g in zip(params, saved):
+        p.grad = g
+
+
+def diagnose_cost(repeats: int = 60) -> None:
     """One gb.diagnose call against one plain training step (forward, backward, SGD step) of the same model
-    and batch, interleaved call by call; the ratio of medians, in wall-clock and in CPU time (the
-    latter less sensitive to other processes on a shared machine)."""
+    and batch, and the floor of any diagnosis by hooks (:func:`_diagnosis_floor`), interleaved call by
+    call; the ratios of medians, in wall-clock and in CPU time (the latter less sensitive to other
+    processes on a shared machine)."""
     import torch
 
     import gradbook as gb
@@ -230,19 +270,18 @@ def diagnose_cost(repeats: int = 30) -> None:
             gb.batches.default_loss(model(x), y).backward()
             opt.step()
 
-        times = {k: [] for k in ("plain", "diag", "plain_cpu", "diag_cpu")}
+        arms = {"plain": step, "floor": lambda: _diagnosis_floor(model, x, y), "diag": lambda: gb.diagnose(model, x, y)}
+        wall, cpu = {k: [] for k in arms}, {k: [] for k in arms}
         for i in range(repeats + 3):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            t1, c1 = time.perf_counter(), time.process_time()
-            gb.diagnose(model, x, y)
-            t2, c2 = time.perf_counter(), time.process_time()
-            if i >= 3:
-                for k, v in zip(times, (t1 - t0, t2 - t1, c1 - c0, c2 - c1)):
-                    times[k].append(v)
-        p, d, pc, dc = (statistics.median(v) for v in times.values())
+            for k, f in arms.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                f()
+                if i >= 3:
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+        (p, fl, d), (pc, flc, dc) = ([statistics.median(v[k]) for k in arms] for v in (wall, cpu))
         print(f"(c) gb.diagnose, {name}: {1e3 * d:7.2f} ms, {d / p:5.2f}x one plain step ({1e3 * p:.2f} ms); "
-              f"CPU time {dc / pc:5.2f}x")
+              f"CPU time {dc / pc:5.2f}x; the floor of any diagnosis by hooks {fl / p:5.2f}x (CPU time {flc / pc:5.2f}x)")
 
 
 def watch_overhead_ddp(steps: int = 100, warmup: int = 10) -> None:
