@@ -182,7 +182,7 @@ def loss_of(output, targets, loss_fn: Callable | None = None) -> torch.Tensor:
 def first_nonfinite(model: nn.Module, inputs) -> str | None:
     """'name (Type)' of the first module, in the order they ran, whose output holds a NaN or inf on
     ``inputs`` (the model itself if only its own code makes one); None if every output is finite.
-    Runs without gradients; the caller keeps the buffers (:class:`gradbook.measure.kept_buffers`)."""
+    Runs without gradients; the caller keeps the buffers (:class:`gradbook.onepass.kept_buffers`)."""
     found: list[str] = []
 
     def hook(name):
