@@ -106,3 +106,17 @@ def test_bad_arguments_and_a_failing_forward_leave_nothing_behind():
     assert net not in MEASURING
     for _, m in net.named_modules():
         assert not m._forward_hooks
+
+
+def test_which_modules_are_layers_and_recurrent():
+    """records.is_layer: a layer type with a trainable parameter of its own; records.is_recurrent: torch's RNNs
+    or a class with a ``states`` method (an attribute of that name on an instance is not one)."""
+    frozen = nn.Linear(3, 3).requires_grad_(False)
+    assert gb.records.is_layer(nn.Linear(3, 3)) and not gb.records.is_layer(frozen)
+    assert not gb.records.is_layer(nn.LayerNorm(3)) and not gb.records.is_layer(nn.Sequential(nn.Linear(3, 3)))
+    assert gb.records.is_recurrent(nn.GRU(3, 3)) and gb.records.is_recurrent(gb.rnn(3, 4, 2))
+    odd = nn.Linear(3, 3)
+    odd.states = 1
+    assert not gb.records.is_recurrent(odd) and not gb.records.is_recurrent(nn.Linear(3, 3))
+    modules = list(nn.Sequential(nn.Linear(3, 3), frozen, nn.ReLU()).named_modules())
+    assert [n for n, _ in gb.records.layers(modules)] == ["0"]
