@@ -71,7 +71,7 @@ from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
 from .measure import evidence
 from .onepass import kept_buffers
-from .records import LAYER_TYPES, Trace, activation_modules, eager, layers, recurrent_modules, weight_norms
+from .records import LAYER_TYPES, Inventory, Trace, activation_modules, eager, layers, recurrent_modules, weight_norms
 from .remedies import Remedy, cautions, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
@@ -213,17 +213,17 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
         raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
     model = eager(model)
-    modules = list(model.named_modules())
-    named = layers(modules)
+    inv = Inventory(model)
+    named = inv.layers
     if not named:
         raise ValueError("the model has no trainable Linear, Conv, RNN, attention or Embedding layer to diagnose")
     dim = time_dim if time_dim is not None else _time_dim(model, inputs)
-    ev = evidence(model, inputs, targets, loss_fn, time_dim=dim, autocast=autocast)
+    ev = evidence(model, inputs, targets, loss_fn, time_dim=dim, autocast=autocast, inventory=inv)
     if not np.isfinite(ev.loss):
         return _nonfinite_loss(model, named, inputs, ev, lr, autocast)
     snap = ev.snapshot
     return _from_evidence(model, named, snap.weight_grad_norm, snap.grad_norm, snap.act_std, snap.saturated,
-                          snap.dead, ev.time_grad, lr, ev.makeup, ev.loss, ev.weight_norm, activation_modules(modules))
+                          snap.dead, ev.time_grad, lr, ev.makeup, ev.loss, ev.weight_norm, inv.acts)
 
 
 def _nonfinite_loss(model, named, inputs, ev, lr, autocast) -> "Diagnosis":

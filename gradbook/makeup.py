@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import activations as _acts
 from .attention import entropy
-from .records import LAYER_TYPES, is_layer, is_recurrent, norms, output_tensors, weight_norms, weight_tensors
+from .records import LAYER_TYPES, Inventory, norms, output_tensors, weight_norms
 
 __all__ = ["Makeup", "describe", "observe", "attention_logit", "attention_extremes", "FUNCTIONAL", "INIT_GAINS"]
 
@@ -133,16 +133,15 @@ class Makeup:
         return " and ".join(parts) or None
 
 
-def _init_gains(named: list, weight_norm) -> dict[str, float]:
+def _init_gains(inv: Inventory, weight_norm) -> dict[str, float]:
     """fan_in * E[W^2] of each Linear/Conv layer (its variance for a zero-mean init), from ``weight_norm``,
-    each layer's ``||W||`` (:func:`gradbook.records.weight_norms`) of ``named``."""
+    each layer's ``||W||`` (:func:`gradbook.records.weight_norms`) of the layers of ``inv``."""
     out = {}
-    for (n, m), wn in zip(named, weight_norm):
+    for (n, m), own, wn in zip(inv.layers, inv.weights, weight_norm):
         if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m.weight.dim() < 2 or m.weight.numel() == 0:
             continue
         w = m.weight
         # ||W|| counts the weight alone unless it is frozen (then the layer's trainable tensors): recompute
-        own = weight_tensors(m)
         s = float(wn) ** 2 if len(own) == 1 and own[0] is w else float(norms([w.detach()])[0]) ** 2
         fan_in = w.numel() // w.shape[0] if isinstance(m, nn.Linear) or not m.transposed \
             else w.numel() // w.shape[1]
@@ -150,39 +149,46 @@ def _init_gains(named: list, weight_norm) -> dict[str, float]:
     return out
 
 
-def describe(model: nn.Module, weight_norm=None) -> Makeup:
+#: What :func:`describe` lists a module of a class under (bit flags, from its class alone).
+_EMBEDDING, _ATTENTION_MODULE, _RECURRENT, _GATED, _NORMALIZATION, _ACTIVATION = 1, 2, 4, 8, 16, 32
+
+
+@functools.lru_cache(maxsize=None)
+def _listed(kind: type) -> int:
+    return (_EMBEDDING * issubclass(kind, (nn.Embedding, nn.EmbeddingBag))
+            | _ATTENTION_MODULE * issubclass(kind, nn.MultiheadAttention)
+            | _RECURRENT * (issubclass(kind, nn.RNNBase) or callable(getattr(kind, "states", None)))
+            | _GATED * issubclass(kind, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell))
+            | _NORMALIZATION * issubclass(kind, _NORMS)
+            | _ACTIVATION * (kind.__module__ == "torch.nn.modules.activation" and not issubclass(kind, _NOT_HIDDEN)))
+
+
+def describe(model: nn.Module, weight_norm=None, inventory: Inventory | None = None) -> Makeup:
     """The :class:`Makeup` that the modules of ``model`` show, without running it. ``weight_norm``: each
-    layer's ||W|| (:func:`gradbook.records.weight_norms` of :func:`gradbook.records.layers`), if the caller
-    has it (one pass over the weights less)."""
-    named = list(model.named_modules())
-    measured = [(n, m) for n, m in named if is_layer(m)]
+    layer's ||W|| (:func:`gradbook.records.weight_norms` of :func:`gradbook.records.layers`), and
+    ``inventory``: the model's :class:`gradbook.records.Inventory`, if the caller has them (one pass over
+    the weights and one walk over the modules less)."""
+    inv = inventory or Inventory(model)
     if weight_norm is None:
-        weight_norm = weight_norms(measured)
-    known = {n for n, m in named if _acts.from_module(m) is not None}
-    unknown = [f"{type(m).__name__} ({n})" for n, m in named
-               if type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, _NOT_HIDDEN)
-               and n not in known]
+        weight_norm = weight_norms(inv)
+    known = {id(m) for _, m, _ in inv.acts}
+    lists: dict[int, list[str]] = {_EMBEDDING: [], _ATTENTION_MODULE: [], _NORMALIZATION: [], _ACTIVATION: []}
+    flags = 0
+    for n, m in inv.modules:
+        kind = _listed(type(m))
+        if kind:
+            flags |= kind
+            for bit, names in lists.items():
+                if kind & bit and not (bit == _ACTIVATION and id(m) in known):
+                    names.append(f"{type(m).__name__} ({n})" if bit == _ACTIVATION else n)
     return Makeup(
-        embeddings=[n for n, m in named if isinstance(m, (nn.Embedding, nn.EmbeddingBag))],
-        attention=[n for n, m in named if isinstance(m, nn.MultiheadAttention)],
-        recurrent=any(is_recurrent(m) for _, m in named),
-        gated=any(isinstance(m, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)) for _, m in named),
-        norms=[n for n, m in named if isinstance(m, _NORMS)],
-        activation_types={type(m).__name__ for n, m in named if n in known},
-        unknown_activations=unknown,
-        init_gain=_init_gains(measured, weight_norm),
-        low_precision=[n for n, p in _named_parameters(named) if p.requires_grad and p.is_floating_point()
+        embeddings=lists[_EMBEDDING], attention=lists[_ATTENTION_MODULE],
+        recurrent=bool(flags & _RECURRENT), gated=bool(flags & _GATED), norms=lists[_NORMALIZATION],
+        activation_types={type(m).__name__ for _, m, _ in inv.acts},
+        unknown_activations=lists[_ACTIVATION],
+        init_gain=_init_gains(inv, weight_norm),
+        low_precision=[n for n, p in inv.named_params if p.requires_grad and p.is_floating_point()
                        and p.dtype.itemsize <= 2])
-
-
-def _named_parameters(named: list):
-    """``model.named_parameters()`` from the list of its ``named_modules()`` (without walking it again)."""
-    seen = set()
-    for prefix, m in named:
-        for n, p in m.named_parameters(prefix=prefix, recurse=False):
-            if p not in seen:
-                seen.add(p)
-                yield n, p
 
 
 def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:
@@ -219,10 +225,10 @@ class observe(TorchFunctionMode):
         seen.makeup.functional, seen.makeup.residual
     """
 
-    def __init__(self, model: nn.Module, weight_norm=None):
+    def __init__(self, model: nn.Module, weight_norm=None, inventory: Inventory | None = None):
         super().__init__()
-        self.model = model
-        self.makeup = describe(model, weight_norm)
+        self.inventory = inventory or Inventory(model)
+        self.makeup = describe(model, weight_norm, self.inventory)
         self._inputs: dict[int, torch.Tensor] = {}   # tensors that entered a module (kept alive: ids stay unique)
         self._normed: dict[int, torch.Tensor] = {}   # outputs of normalizations (kept alive, likewise)
         self._inside = 0                            # depth inside activation modules and our own computations
@@ -233,7 +239,7 @@ class observe(TorchFunctionMode):
     def __enter__(self):
         # two global module hooks that pass over other models' modules, rather than one hook per module:
         # registering and removing a hook on each module costs more than the whole observation
-        self._kinds = {id(m): _kind(type(m)) for m in self.model.modules()}
+        self._kinds = {id(m): _kind(type(m)) for _, m in self.inventory.modules}
         self._handles = [nn.modules.module.register_module_forward_pre_hook(self._pre),
                          nn.modules.module.register_module_forward_hook(self._post)]
         return super().__enter__()

@@ -25,7 +25,7 @@ from ._checks import choice
 from .batches import check_batch, default_loss
 from .makeup import Makeup, observe
 from .onepass import kept_buffers, run
-from .records import Snapshot, eager, layers, output_tensor, weight_norms, weight_tensors
+from .records import Inventory, Snapshot, eager, layers, output_tensor, weight_norms, weight_tensors
 
 __all__ = ["gradients", "activations", "capture", "stream", "Stream", "through_time", "input_gradients",
            "measured_factors", "factor_per_layer", "jacobian_singular_values", "random_direction",
@@ -106,18 +106,21 @@ def _time_hook(model, inputs, time_dim):
 
 
 def evidence(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *,
-             time_dim: int | None = None, autocast: torch.dtype | None = None) -> Evidence:
+             time_dim: int | None = None, autocast: torch.dtype | None = None,
+             inventory: Inventory | None = None) -> Evidence:
     """What :func:`gradbook.diagnosis.diagnose` decides on, from one checked forward and backward pass: the
     :class:`Snapshot` of :func:`gradients`, the :class:`gradbook.makeup.Makeup` observed in the same pass,
-    the loss (returned, not back-propagated, if it is not finite) and, with ``time_dim``, ||dL/dx_t||."""
+    the loss (returned, not back-propagated, if it is not finite) and, with ``time_dim``, ||dL/dx_t||.
+    ``inventory``: the model's :class:`gradbook.records.Inventory`, if the caller has it."""
     check_batch(inputs, targets, default_loss=loss_fn is None)
     handle, got = None, []
     if time_dim is not None:
         choice("time_dim", time_dim, [0, 1])
         inputs, got, handle = _time_hook(model, inputs, time_dim)
-    seen = observe(model, weight_norm := weight_norms(layers(model)))   # one pass over the weights, shared
+    inv = inventory or Inventory(model)
+    seen = observe(model, weight_norm := weight_norms(inv), inv)   # one pass over the weights, shared
     try:
-        snap, loss = run(model, inputs, targets, loss_fn, autocast=autocast, seen=seen)
+        snap, loss = run(model, inputs, targets, loss_fn, autocast=autocast, seen=seen, inventory=inv)
     finally:
         if handle is not None:
             handle.remove()

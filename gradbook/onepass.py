@@ -24,20 +24,23 @@ from . import distributed as dist
 from ._checks import choice
 from .batches import call, loss_of
 from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, split_rows, to_numpy
-from .records import Snapshot, activation_modules, layers
+from .records import Inventory, Snapshot
 
 __all__ = ["run", "kept_buffers"]
 
 
 class kept_buffers:
     """Restore every buffer of ``model`` (BatchNorm running statistics, counters) on exit, so that a
-    measurement pass in training mode leaves the model exactly as it found it."""
+    measurement pass in training mode leaves the model exactly as it found it. ``model``: a module or
+    its :class:`gradbook.records.Inventory`."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | Inventory):
         self.model = model
 
     def __enter__(self):
-        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        buffers = self.model.buffers() if isinstance(self.model, nn.Module) else \
+            dict.fromkeys(b for _, m in self.model.modules for b in m.buffers(recurse=False))
+        self.saved = [(b, b.detach().clone()) for b in buffers]
 
     def __exit__(self, *exc):
         with torch.no_grad():
@@ -46,7 +49,8 @@ class kept_buffers:
 
 
 def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *, level: str = "full",
-        backward: bool = True, autocast: torch.dtype | None = None, seen=None) -> tuple[Snapshot, float]:
+        backward: bool = True, autocast: torch.dtype | None = None, seen=None,
+        inventory: Inventory | None = None) -> tuple[Snapshot, float]:
     """Measure one pass of ``model`` on a batch: its :class:`gradbook.records.Snapshot` and the loss.
 
     ``level``: ``"full"`` (every field) or ``"norms"`` (weight-gradient norms only). With ``backward``,
@@ -54,16 +58,17 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
     finite (a non-finite loss is returned, not back-propagated: weight-gradient norms 0); without, only the
     forward pass runs (the gradient fields are None, the loss NaN). ``autocast``: the forward pass's dtype
     under ``torch.autocast``. ``seen``: a context entered around the forward pass and the loss (a
-    :class:`gradbook.makeup.observe`). The parameters' ``.grad`` and the buffers are left as they were.
-    Hooks go on the modules of the model a DDP or ``torch.compile`` wrapper runs; the pass runs ``model``.
+    :class:`gradbook.makeup.observe`). ``inventory``: the :class:`gradbook.records.Inventory` of the model
+    a DDP or ``torch.compile`` wrapper runs, if the caller has it (one walk over the modules less). The
+    parameters' ``.grad`` and the buffers are left as they were. Hooks go on the modules of the model a
+    DDP or ``torch.compile`` wrapper runs; the pass runs ``model``.
     """
     choice("level", level, LEVELS)
     inner = dist.unwrap(model)
-    modules = list(inner.named_modules())
-    named = layers(modules)
-    acts = activation_modules(modules) if level == "full" else []
-    compiled = any(getattr(m, "_compiled_call_impl", None) for _, m in modules)
-    params = [p for p in dict.fromkeys(p for _, m in modules for p in m.parameters(recurse=False)) if p.requires_grad]
+    inv = inventory or Inventory(inner)
+    named, params = inv.layers, inv.params
+    acts = inv.acts if level == "full" else []
+    compiled = any(getattr(m, "_compiled_call_impl", None) for _, m in inv.modules)
     if backward and not params:
         raise ValueError("the model has no trainable parameters: there is no gradient to measure")
     step, on = Step(0, len(named), len(acts)), [True]
@@ -77,7 +82,7 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
     try:
         if level == "full":
             hooks.add()
-        with torch.enable_grad(), kept_buffers(model):
+        with torch.enable_grad(), kept_buffers(inv):
             with torch.autocast(device, dtype=autocast, enabled=autocast is not None), seen or nullcontext():
                 out = call(model, inputs)
                 loss = loss_of(out, targets, loss_fn) if backward else None
@@ -85,7 +90,7 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
                 value = float(loss.detach())
                 if np.isfinite(value):
                     loss.backward()
-                norms = GradNorms.of_layers(named, params)([p.grad for p in params])
+                norms = GradNorms.of_layers(inv.weights, params)([p.grad for p in params])
                 step.total, step.weight = norms if norms is not None else (None, torch.zeros(len(named), dtype=torch.float64))
     finally:
         on[0] = False

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import activations as _acts
 from . import distributed as dist
-from .records import ACTIVATION_FIELDS, FIELDS, LAYER_FIELDS, SAFE_RANGE, Trace, norms, output_tensor, weight_tensors
+from .records import ACTIVATION_FIELDS, FIELDS, LAYER_FIELDS, SAFE_RANGE, Trace, norms, output_tensor
 from .spikes import Spike
 
 __all__ = ["LEVELS", "MEASURING", "Step", "StepHooks", "GradNorms", "Updates", "to_numpy", "split_rows", "WatchTrace",
@@ -271,11 +271,11 @@ class GradNorms:
         self._key = None
 
     @classmethod
-    def of_layers(cls, layers: list, params: list[torch.Tensor]) -> "GradNorms":
-        """For the gradients of ``params``, with each layer's norm over its weight tensors
-        (:func:`gradbook.records.weight_tensors` of ``layers``, (name, module) pairs)."""
-        owned = {id(w): i for i, (_, m) in enumerate(layers) for w in weight_tensors(m)}
-        return cls([owned.get(id(p), -1) for p in params], len(layers))
+    def of_layers(cls, weights: list[list[torch.Tensor]], params: list[torch.Tensor]) -> "GradNorms":
+        """For the gradients of ``params``, with each layer's norm over its weight tensors ``weights[i]``
+        (:func:`gradbook.records.weight_tensors`, as :class:`gradbook.records.Inventory` lists them)."""
+        owned = {id(w): i for i, ws in enumerate(weights) for w in ws}
+        return cls([owned.get(id(p), -1) for p in params], len(weights))
 
     def _plan(self, grads: list, keep: list[int]) -> None:
         alone = [k for k in keep if self.owner[k] >= 0 or dist.is_sharded(grads[k]) or grads[k].numel() > SMALL]

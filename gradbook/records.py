@@ -25,7 +25,8 @@ from torch import nn
 from . import activations as _acts
 
 __all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "weight_norms", "activation_modules",
-           "recurrent_modules", "is_layer", "is_recurrent", "output_tensor", "output_tensors", "norms", "eager"]
+           "recurrent_modules", "is_layer", "is_recurrent", "output_tensor", "output_tensors", "norms", "eager",
+           "Inventory"]
 
 #: The module types measured as layers (those with a trainable parameter).
 LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase,
@@ -96,13 +97,43 @@ def is_layer(module: nn.Module) -> bool:
     return isinstance(module, LAYER_TYPES) and any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+class Inventory:
+    """What gradbook reads of a model's structure, from one walk over its modules, for a caller that needs
+    several of these lists (``gb.diagnose`` needs them all): each walk costs about as much as a small
+    model's forward pass through one layer.
+
+    ``modules``: ``model.named_modules()``; ``layers``: the (name, module) pairs of :func:`layers`;
+    ``weights``: each layer's :func:`weight_tensors`; ``acts``: :func:`activation_modules`;
+    ``named_params``: ``model.named_parameters()`` (each parameter once); ``params``: the trainable ones.
+    It describes the model when it was made: make another after changing the model's modules or which
+    parameters require gradients."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = list(model.named_modules())
+        self.named_params = list(model.named_parameters())
+        self.params = [p for _, p in self.named_params if p.requires_grad]
+        self.layers, self.weights, self.acts = [], [], []
+        for name, m in self.modules:
+            if isinstance(m, LAYER_TYPES):
+                own = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+                if own:
+                    self.layers.append((name, m))
+                    self.weights.append(_weights(own))
+            else:
+                act = _acts.from_module(m)
+                if act is not None:
+                    self.acts.append((name, m, act))
+
+
 def _named(model) -> list:
     return list(model.named_modules()) if isinstance(model, nn.Module) else model
 
 
 def layers(model) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs that gradbook measures as layers (:func:`is_layer`), in registration order.
-    ``model``: a module, or the list of its ``named_modules()`` if the caller has it (one walk less)."""
+    ``model``: a module, the list of its ``named_modules()`` or its :class:`Inventory` (one walk less)."""
+    if isinstance(model, Inventory):
+        return model.layers
     return [(n, m) for n, m in _named(model) if is_layer(m)]
 
 
@@ -115,27 +146,33 @@ def eager(model: nn.Module) -> nn.Module:
 
 def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
     """A layer's trainable weight tensors (parameters whose name contains 'weight'; all if none)."""
-    own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-    weights = [p for n, p in own if "weight" in n]
-    return weights or [p for _, p in own]
+    return _weights([(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad])
 
 
-def weight_norms(named: list, grads: bool = False) -> np.ndarray:
-    """||W|| of each layer of ``named`` ((name, module) pairs, as :func:`layers` lists them) over its
-    :func:`weight_tensors`, from one pass over the weights (:func:`norms`: accurate for tiny and huge
-    entries); 0 for a layer without weights. With ``grads``, ||dL/dW|| from their ``.grad`` (0 for a layer
-    that received none)."""
-    tensors = [(i, w.grad if grads else w.detach()) for i, (_, m) in enumerate(named) for w in weight_tensors(m)
+def _weights(own: list) -> list[torch.Tensor]:
+    """The weights among a layer's own trainable (name, parameter) pairs: those named 'weight'; all if none."""
+    return [p for n, p in own if "weight" in n] or [p for _, p in own]
+
+
+def weight_norms(named, grads: bool = False) -> np.ndarray:
+    """||W|| of each layer of ``named`` ((name, module) pairs, as :func:`layers` lists them, or an
+    :class:`Inventory`) over its :func:`weight_tensors`, from one pass over the weights (:func:`norms`:
+    accurate for tiny and huge entries); 0 for a layer without weights. With ``grads``, ||dL/dW|| from
+    their ``.grad`` (0 for a layer that received none)."""
+    weights = named.weights if isinstance(named, Inventory) else [weight_tensors(m) for _, m in named]
+    tensors = [(i, w.grad if grads else w.detach()) for i, ws in enumerate(weights) for w in ws
                if not grads or w.grad is not None]
     if not tensors:
-        return np.zeros(len(named))
+        return np.zeros(len(weights))
     sq = norms([w for _, w in tensors]).cpu().numpy() ** 2
-    return np.sqrt(np.bincount([i for i, _ in tensors], weights=sq, minlength=len(named)))
+    return np.sqrt(np.bincount([i for i, _ in tensors], weights=sq, minlength=len(weights)))
 
 
 def activation_modules(model) -> list[tuple[str, nn.Module, _acts.Activation]]:
     """The (name, module, Activation) triples of the activation modules gradbook knows, in order.
-    ``model``: a module, or the list of its ``named_modules()``."""
+    ``model``: a module, the list of its ``named_modules()`` or its :class:`Inventory`."""
+    if isinstance(model, Inventory):
+        return model.acts
     out = []
     for n, m in _named(model):
         act = _acts.from_module(m)

@@ -32,7 +32,7 @@ from torch import nn
 from . import distributed as dist
 from ._checks import choice, positive_int
 from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, StepRecord, Updates, WatchTrace, split_rows, to_numpy
-from .records import activation_modules, eager, layers, output_tensors, weight_tensors
+from .records import Inventory, eager, output_tensors
 from .spikes import THRESHOLD, WINDOW, Detector, SpikeWarning
 
 __all__ = ["watch"]
@@ -101,8 +101,8 @@ class watch:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch needs a torch.nn.Module, got {type(model).__name__}")
         self.model = dist.unwrap(model)
-        modules = list(self.model.named_modules())   # one walk over the modules, shared below
-        compiled = eager(model) is not model or any(getattr(m, "_compiled_call_impl", None) for _, m in modules)
+        inv = Inventory(self.model)   # one walk over the modules, shared below
+        compiled = eager(model) is not model or any(getattr(m, "_compiled_call_impl", None) for _, m in inv.modules)
         self.every = positive_int("every", every)
         self.level = choice("level", level, LEVELS)
         self.spikes = choice("spikes", spikes, [True, False, "warn"])
@@ -113,17 +113,16 @@ class watch:
             raise ValueError(f"ratios must be True, False or a positive int (every k-th recorded step), got {ratios!r}")
         self.ratios = int(ratios) if optimizer is not None else 0   # 0: none, k: every k-th recorded step
         self.export = [export] if callable(export) else list(export)
-        self._layers = layers(modules)
+        self._layers = inv.layers
         self._names = [n for n, _ in self._layers]
         self._detector = Detector(self._names, window, threshold)
-        self._acts = activation_modules(modules) if level == "full" else []
-        weights = [weight_tensors(m) for _, m in self._layers]
+        self._acts = inv.acts if level == "full" else []
+        weights = inv.weights
         flat_weights = [p for ws in weights for p in ws]
         owner = [i for i, ws in enumerate(weights) for _ in ws]
         self._updates = Updates(flat_weights, owner, len(self._layers))
-        self._params = [p for p in dict.fromkeys(p for _, m in modules for p in m.parameters(recurse=False))
-                        if p.requires_grad]
-        self._grad_norms = GradNorms.of_layers(self._layers, self._params)
+        self._params = inv.params
+        self._grad_norms = GradNorms.of_layers(weights, self._params)
         self._handles: list = []        # for the whole watch
         self._hooks = StepHooks(self._layers, self._acts, self._recording, lambda: self._attached, compiled)
         self._compiled, self._found, self._losses = compiled, [], []
