@@ -21,6 +21,7 @@ infinity.
 """
 from __future__ import annotations
 
+import cmath
 import numbers
 from typing import Callable
 
@@ -93,9 +94,12 @@ def _check_tensor(what: str, value) -> None:
         return
     if value.dim() > 0 and value.shape[0] == 0:
         raise ValueError(f"{what} is an empty batch ({_describe(value)}); at least one example is needed")
+    # the sum is a cheap first test (a NaN or inf makes it non-finite; so may an overflow, then the exact count
+    # below finds nothing); it is summed in at least float32, where float16's range is soon exceeded
     if (value.is_floating_point() or value.is_complex()) and value.numel() and \
-            not torch.isfinite(value.sum(dtype=torch.float64 if value.is_floating_point() else None)):
-        bad = ~torch.isfinite(value)   # the sum is a cheap first test; count exactly only when it fails
+            not cmath.isfinite(value.sum(dtype=torch.float32 if value.element_size() < 4 and value.is_floating_point()
+                                         else None).item()):
+        bad = ~torch.isfinite(value)
         if bad.any():
             raise ValueError(f"{what} holds {int(bad.sum())} non-finite value(s) (NaN or inf) in {_describe(value)}; "
                              "a gradient measured on them means nothing: clean the batch first")

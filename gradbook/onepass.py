@@ -2,10 +2,12 @@
 batch with the per-layer hooks of a recorded step and leaves the model as it found it.
 
 It is what :mod:`gradbook.measure` and :func:`gradbook.diagnosis.diagnose` measure with. The hooks and
-the numbers are those of a step recorded by :class:`gradbook.watch.watch` (:class:`gradbook.probe.StepHooks`,
-:class:`gradbook.probe.GradNorms`), without a training loop's machinery: no step counting, no optimizer or
-scaler hooks, no spike detection, no exporters, no trace of many steps. On a small model that machinery
-costs more than the hooks themselves (about 1 ms of the 20 ms a diagnosis takes on the benchmark's MLP).
+the numbers are those of a step recorded by :class:`gradbook.watch.watch` (the hooks of
+:class:`gradbook.probe.StepHooks`; the weight-gradient norms of :func:`gradbook.records.weight_norms`, with
+FSDP's shards summed over the ranks), without a training loop's machinery: no step counting, no optimizer
+or scaler hooks, no spike detection, no exporters, no trace of many steps, no norm over every parameter.
+On a small model that machinery costs more than the hooks themselves (about 1 ms of the 20 ms a
+diagnosis takes on the benchmark's MLP).
 
 A watch attached to the same model ignores the pass: the model is listed in
 :data:`gradbook.probe.MEASURING` while it runs, so a diagnosis in the middle of a watched training run
@@ -23,8 +25,8 @@ from torch import nn
 from . import distributed as dist
 from ._checks import choice
 from .batches import call, loss_of
-from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, split_rows, to_numpy
-from .records import Inventory, Snapshot
+from .probe import LEVELS, MEASURING, Step, StepHooks, split_rows, to_numpy
+from .records import Inventory, Snapshot, weight_norms
 
 __all__ = ["run", "kept_buffers"]
 
@@ -38,8 +40,7 @@ class kept_buffers:
         self.model = model
 
     def __enter__(self):
-        buffers = self.model.buffers() if isinstance(self.model, nn.Module) else \
-            dict.fromkeys(b for _, m in self.model.modules for b in m.buffers(recurse=False))
+        buffers = self.model.buffers() if isinstance(self.model, nn.Module) else self.model.buffers
         self.saved = [(b, b.detach().clone()) for b in buffers]
 
     def __exit__(self, *exc):
@@ -90,8 +91,7 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
                 value = float(loss.detach())
                 if np.isfinite(value):
                     loss.backward()
-                norms = GradNorms.of_layers(inv.weights, params)([p.grad for p in params])
-                step.total, step.weight = norms if norms is not None else (None, torch.zeros(len(named), dtype=torch.float64))
+                step.weight = torch.from_numpy(weight_norms(inv, grads=True, squared=dist.squared_norms))
     finally:
         on[0] = False
         hooks.remove()

@@ -31,9 +31,12 @@ MEASURING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     """Each tensor as a float64 NumPy array, with one transfer from the device for all of them (the
-    tensors are grouped by dtype and shape class, a few stacking calls rather than one call per tensor)."""
+    tensors are grouped by dtype and shape class, a few stacking calls rather than one call per tensor).
+    On the CPU each float32 or float64 tensor is read in place, with no stacking (a scalar as one element)."""
     if not tensors:
         return []
+    if all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return [t.detach().numpy().astype(np.float64).reshape(-1) for t in tensors]
     device, groups = tensors[0].device, {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.dim() == 0), []).append(i)
