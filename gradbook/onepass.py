@@ -69,11 +69,10 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
     inv = inventory or Inventory(inner)
     named, params = inv.layers, inv.params
     acts = inv.acts if level == "full" else []
-    compiled = any(getattr(m, "_compiled_call_impl", None) for _, m in inv.modules)
     if backward and not params:
         raise ValueError("the model has no trainable parameters: there is no gradient to measure")
     step, on = Step(0, len(named), len(acts)), [True]
-    hooks = StepHooks(named, acts, lambda: step if on[0] else None, lambda: on[0], compiled)
+    hooks = StepHooks(named, acts, lambda: step if on[0] else None, lambda: on[0], inv.compiled)
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None

@@ -140,7 +140,8 @@ class Step:
                 act[2, j] = sum(number(k) for k, _ in calls) / sum(n for _, n in calls)
         for j, alive in enumerate(self.alive):
             if alive is not None:
-                act[3, j] = (next(values) == 0).mean()
+                v = next(values)
+                act[3, j] = np.count_nonzero(v == 0) / v.size
         return row
 
 

@@ -106,7 +106,8 @@ class Inventory:
     ``modules``: ``model.named_modules()``; ``layers``: the (name, module) pairs of :func:`layers`;
     ``weights``: each layer's :func:`weight_tensors`; ``acts``: :func:`activation_modules`;
     ``named_params``: ``model.named_parameters()`` (each parameter once); ``params``: the trainable ones;
-    ``buffers``: ``model.buffers()``.
+    ``buffers``: ``model.buffers()``; ``compiled``: whether a module inside was compiled on its own
+    (``module.compile()``).
     It describes the model when it was made: make another after changing the model's modules or which
     parameters require gradients."""
 
@@ -114,14 +115,16 @@ class Inventory:
         self.modules = list(model.named_modules())
         self.named_params, self.buffers, self.layers, self.weights, self.acts = [], [], [], [], []
         seen = set()
+        self.compiled = False
         for name, m in self.modules:
-            for b in m._buffers.values():
+            self.compiled = self.compiled or getattr(m, "_compiled_call_impl", None) is not None
+            for b in m._buffers.values() if m._buffers else ():
                 if b is not None and id(b) not in seen:
                     seen.add(id(b))
                     self.buffers.append(b)
             # a module's own parameters, as m.named_parameters(recurse=False) lists them, without a generator
             # per module (a third of a walk's cost)
-            own = [(n, p) for n, p in m._parameters.items() if p is not None]
+            own = [(n, p) for n, p in m._parameters.items() if p is not None] if m._parameters else ()
             for n, p in own:
                 if id(p) not in seen:
                     seen.add(id(p))

@@ -102,7 +102,7 @@ class watch:
             raise TypeError(f"watch needs a torch.nn.Module, got {type(model).__name__}")
         self.model = dist.unwrap(model)
         inv = Inventory(self.model)   # one walk over the modules, shared below
-        compiled = eager(model) is not model or any(getattr(m, "_compiled_call_impl", None) for _, m in inv.modules)
+        compiled = eager(model) is not model or inv.compiled
         self.every = positive_int("every", every)
         self.level = choice("level", level, LEVELS)
         self.spikes = choice("spikes", spikes, [True, False, "warn"])
