@@ -25,8 +25,8 @@ from torch import nn
 from . import distributed as dist
 from ._checks import choice
 from .batches import call, loss_of
-from .probe import LEVELS, MEASURING, Step, StepHooks, split_rows, to_numpy
-from .records import Inventory, Snapshot, weight_norms
+from .probe import LEVELS, MEASURING, Step, StepHooks
+from .records import Inventory, Snapshot, split_rows, to_numpy, weight_norms
 
 __all__ = ["run", "kept_buffers"]
 

@@ -1,7 +1,8 @@
 """What one recorded step of :class:`gradbook.watch.watch` gathers, as tensors on the model's device, and
 the per-layer hooks of ``level="full"`` that gather it (back-propagated gradient norms, activation
 statistics); :meth:`Step.row` turns it into one row of numbers (the layout of
-:data:`gradbook.records.FIELDS`), with one transfer from the device for many steps (:func:`to_numpy`).
+:data:`gradbook.records.FIELDS`), with one transfer from the device for many steps
+(:func:`gradbook.records.to_numpy`).
 What the steps become: a :class:`WatchTrace`, and for each exporter a :class:`StepRecord` per step.
 """
 from __future__ import annotations
@@ -17,39 +18,16 @@ from torch import nn
 
 from . import activations as _acts
 from . import distributed as dist
-from .records import ACTIVATION_FIELDS, FIELDS, LAYER_FIELDS, SAFE_RANGE, Trace, norms, output_tensor
+from .records import ACTIVATION_FIELDS, FIELDS, SAFE_RANGE, Trace, norms, output_tensor
 from .spikes import Spike
 
-__all__ = ["LEVELS", "MEASURING", "Step", "StepHooks", "GradNorms", "Updates", "to_numpy", "split_rows", "WatchTrace",
+__all__ = ["LEVELS", "MEASURING", "Step", "StepHooks", "GradNorms", "Updates", "WatchTrace",
            "StepRecord"]
 
 #: ``"norms"``: per-layer weight-gradient norms only (cheap enough to leave on); ``"full"``: everything.
 LEVELS = ["full", "norms"]
 #: Models inside a one-off measurement (:func:`gradbook.onepass.run`): a watch on them ignores that pass.
 MEASURING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Each tensor as a float64 NumPy array, with one transfer from the device for all of them (the
-    tensors are grouped by dtype and shape class, a few stacking calls rather than one call per tensor).
-    On the CPU each float32 or float64 tensor is read in place, with no stacking (a scalar as one element)."""
-    if not tensors:
-        return []
-    if all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
-        return [t.detach().numpy().astype(np.float64).reshape(-1) for t in tensors]
-    device, groups = tensors[0].device, {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.dim() == 0), []).append(i)
-    parts, order = [], []
-    for (_, scalar), idx in groups.items():
-        ts = [tensors[i].detach() for i in idx]
-        parts.append((torch.stack(ts) if scalar else torch.cat([t.reshape(-1) for t in ts])).to(device, torch.float64))
-        order += idx
-    flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy()
-    out: list = [None] * len(tensors)
-    for i, piece in zip(order, np.split(flat, np.cumsum([tensors[i].numel() for i in order])[:-1])):
-        out[i] = piece
-    return out
 
 
 def _value(t: torch.Tensor):
@@ -159,21 +137,30 @@ class StepHooks:
                  compiled: bool = False):
         self._layers, self._acts = layers, acts
         self._current, self._active = current, active
+        self._compiled = compiled
         self._wrap = torch.compiler.disable if compiled else (lambda f: f)
         self._step_handles: list = []
 
     def add(self) -> None:
         if self._step_handles:
             return
-        add, wrap = self._step_handles.append, self._wrap
+        pre, post = {}, {}   # module -> its hooks
         for i, (_, m) in enumerate(self._layers):
-            add(m.register_forward_hook(wrap(self._layer_hook(i))))
+            post.setdefault(m, []).append(self._layer_hook(i))
         for j, (_, m, act) in enumerate(self._acts):
             if getattr(m, "inplace", False) and act.name != "relu":   # its input is overwritten: read it before
-                add(m.register_forward_pre_hook(wrap(self._act_input_hook(j, act))))
-                add(m.register_forward_hook(wrap(self._act_output_hook(j, None))))
-            else:
-                add(m.register_forward_hook(wrap(self._act_output_hook(j, act))))
+                pre.setdefault(m, []).append(self._act_input_hook(j, act))
+            post.setdefault(m, []).append(self._act_output_hook(j, None if m in pre else act))
+        if self._compiled:   # hooks on each module, which torch.compile sees and runs eagerly
+            self._step_handles += [m.register_forward_pre_hook(self._wrap(_chain(h))) for m, h in pre.items()]
+            self._step_handles += [m.register_forward_hook(self._wrap(_chain(h))) for m, h in post.items()]
+            return
+        # else one global hook each, passing over other modules: registering and removing a hook on each
+        # of the benchmark MLP's 40 measured modules costs more than calling one on all its 81 modules
+        for register, hooks in ((nn.modules.module.register_module_forward_pre_hook, pre),
+                                (nn.modules.module.register_module_forward_hook, post)):
+            if hooks:
+                self._step_handles.append(register(_dispatch({id(m): _chain(h) for m, h in hooks.items()})))
 
     def remove(self) -> None:
         for h in self._step_handles:
@@ -256,6 +243,22 @@ class StepHooks:
                 step.out[j].append((y.numel(), *_moments(y, total)))
             return None
         return hook
+
+
+def _chain(hooks: list[Callable]) -> Callable:
+    """One module hook that calls ``hooks`` in order (they return None)."""
+    return hooks[0] if len(hooks) == 1 else lambda *args: [h(*args) for h in hooks] and None
+
+
+def _dispatch(hooks: dict[int, Callable]) -> Callable:
+    """A global module hook that calls ``hooks[id(module)]``, if any (it returns None)."""
+    get = hooks.get
+
+    def hook(module, *args):
+        h = get(id(module))
+        if h is not None:
+            h(module, *args)
+    return hook
 
 
 #: Gradients in no layer up to this many entries are measured together by :class:`GradNorms`.
@@ -345,20 +348,6 @@ class Updates:
         per_layer = [sq.new_zeros(self.n_layers).index_add_(0, self._index, s) for s in (sq, self._weight_sq)]
         self._weight_sq = None
         return (per_layer[0] / per_layer[1].clamp_min(1e-300)).sqrt()
-
-
-def split_rows(rows: np.ndarray, n_layers: int, n_acts: int, full: bool) -> dict[str, np.ndarray | None]:
-    """The fields (:data:`gradbook.records.FIELDS`) of rows laid out by :meth:`Step.row`, each of shape
-    (rows, layers or activations); without ``full`` (``level="norms"``) only the weight-gradient norms."""
-    L, (weight, grad) = n_layers, LAYER_FIELDS
-    out = dict.fromkeys(FIELDS)
-    out[weight] = rows[:, :L]
-    if full:
-        out[grad] = rows[:, L:2 * L]
-        stats = rows[:, 2 * L:].reshape(len(rows), len(ACTIVATION_FIELDS), n_acts)
-        for k, name in enumerate(ACTIVATION_FIELDS):
-            out[name] = stats[:, k]
-    return out
 
 
 @dataclass

@@ -12,7 +12,8 @@ knows; its **recurrent** modules are torch's RNN/LSTM/GRU and anything with a ``
 stacked over recorded steps. Their fields, :data:`FIELDS`, are listed once, here.
 
 *Reading values.* :func:`output_tensor` is the tensor a module's output stands for; :func:`norms` takes
-2-norms that stay accurate for the tiny and huge gradients this book is about.
+2-norms that stay accurate for the tiny and huge gradients this book is about; :func:`to_numpy` reads many
+tensors to the host at once, and :func:`split_rows` cuts rows of numbers into the fields.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from . import activations as _acts
 
 __all__ = ["LAYER_TYPES", "FIELDS", "Fields", "Snapshot", "Trace", "layers", "weight_tensors", "weight_norms", "activation_modules",
            "recurrent_modules", "is_layer", "is_recurrent", "output_tensor", "output_tensors", "norms", "eager",
-           "Inventory"]
+           "Inventory", "to_numpy", "split_rows"]
 
 #: The module types measured as layers (those with a trainable parameter).
 LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase,
@@ -255,3 +256,40 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         if not lo <= v <= hi and tensors[i].dtype != torch.float64:
             values[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64).item()
     return torch.from_numpy(np.array(values, dtype=np.float64))
+
+
+def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Each tensor as a float64 NumPy array, with one transfer from the device for all of them (the
+    tensors are grouped by dtype and shape class, a few stacking calls rather than one call per tensor).
+    On the CPU each float32 or float64 tensor is read in place, with no stacking (a scalar as one element)."""
+    if not tensors:
+        return []
+    if all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return [t.detach().numpy().astype(np.float64).reshape(-1) for t in tensors]
+    device, groups = tensors[0].device, {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.dim() == 0), []).append(i)
+    parts, order = [], []
+    for (_, scalar), idx in groups.items():
+        ts = [tensors[i].detach() for i in idx]
+        parts.append((torch.stack(ts) if scalar else torch.cat([t.reshape(-1) for t in ts])).to(device, torch.float64))
+        order += idx
+    flat = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy()
+    out: list = [None] * len(tensors)
+    for i, piece in zip(order, np.split(flat, np.cumsum([tensors[i].numel() for i in order])[:-1])):
+        out[i] = piece
+    return out
+
+
+def split_rows(rows: np.ndarray, n_layers: int, n_acts: int, full: bool) -> dict[str, np.ndarray | None]:
+    """The fields (:data:`gradbook.records.FIELDS`) of rows laid out by :meth:`Step.row`, each of shape
+    (rows, layers or activations); without ``full`` (``level="norms"``) only the weight-gradient norms."""
+    L, (weight, grad) = n_layers, LAYER_FIELDS
+    out = dict.fromkeys(FIELDS)
+    out[weight] = rows[:, :L]
+    if full:
+        out[grad] = rows[:, L:2 * L]
+        stats = rows[:, 2 * L:].reshape(len(rows), len(ACTIVATION_FIELDS), n_acts)
+        for k, name in enumerate(ACTIVATION_FIELDS):
+            out[name] = stats[:, k]
+    return out

@@ -31,8 +31,8 @@ from torch import nn
 
 from . import distributed as dist
 from ._checks import choice, positive_int
-from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, StepRecord, Updates, WatchTrace, split_rows, to_numpy
-from .records import Inventory, eager, output_tensors
+from .probe import LEVELS, MEASURING, GradNorms, Step, StepHooks, StepRecord, Updates, WatchTrace
+from .records import Inventory, eager, output_tensors, split_rows, to_numpy
 from .spikes import THRESHOLD, WINDOW, Detector, SpikeWarning
 
 __all__ = ["watch"]

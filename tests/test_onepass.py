@@ -106,6 +106,7 @@ def test_bad_arguments_and_a_failing_forward_leave_nothing_behind():
     assert net not in MEASURING
     for _, m in net.named_modules():
         assert not m._forward_hooks
+    assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
 
 
 def test_which_modules_are_layers_and_recurrent():
@@ -120,3 +121,61 @@ def test_which_modules_are_layers_and_recurrent():
     assert not gb.records.is_recurrent(odd) and not gb.records.is_recurrent(nn.Linear(3, 3))
     modules = list(nn.Sequential(nn.Linear(3, 3), frozen, nn.ReLU()).named_modules())
     assert [n for n, _ in gb.records.layers(modules)] == ["0"]
+
+
+def test_the_inventory_lists_what_torch_lists():
+    """records.Inventory: one walk, the same lists as named_modules, named_parameters, buffers, layers,
+    weight_tensors and activation_modules, for tied weights, frozen layers, buffers and attention."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body = nn.Embedding(10, 8), gb.mlp(2, 8, "tanh", norm="batch")
+            self.frozen, self.out = nn.Linear(8, 8).requires_grad_(False), nn.Linear(8, 10, bias=False)
+            self.out.weight = self.emb.weight
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    for model in (Tied(), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), _net(norm="batch")):
+        inv = gb.records.Inventory(model)
+        assert inv.modules == list(model.named_modules())
+        assert [(n, id(p)) for n, p in inv.named_params] == [(n, id(p)) for n, p in model.named_parameters()]
+        assert [id(p) for p in inv.params] == [id(p) for p in model.parameters() if p.requires_grad]
+        assert [id(b) for b in inv.buffers] == [id(b) for b in model.buffers()]
+        assert inv.layers == gb.records.layers(model) and gb.records.layers(inv) is inv.layers
+        assert [[id(w) for w in ws] for ws in inv.weights] == \
+            [[id(w) for w in gb.records.weight_tensors(m)] for _, m in gb.records.layers(model)]
+        assert [a[:2] for a in inv.acts] == [a[:2] for a in gb.records.activation_modules(model)]
+        assert not inv.compiled
+        np.testing.assert_array_equal(gb.records.weight_norms(inv), gb.records.weight_norms(gb.records.layers(model)))
+
+
+def test_to_numpy_reads_cpu_tensors_in_place_and_the_rest_in_one_transfer():
+    """The CPU float path (each tensor read in place) and the general one (stacked by dtype) agree."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(5, generator=g), torch.tensor(2.5, dtype=torch.float64), torch.randn(2, 3, generator=g)]
+    fast = gb.records.to_numpy(tensors)
+    general = gb.records.to_numpy(tensors + [torch.ones(2, dtype=torch.bfloat16)])   # bfloat16: no in-place read
+    assert [a.dtype for a in fast] == [np.float64] * 3 and [a.shape for a in fast] == [(5,), (1,), (6,)]
+    for a, b, t in zip(fast, general, tensors):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, t.double().reshape(-1).numpy())
+    np.testing.assert_array_equal(general[3], [1.0, 1.0])
+
+
+def test_modules_outside_the_model_are_passed_over():
+    """The pass's hooks are global (one registration, not one per module) and pass over the modules of
+    another network that the model's forward happens to run: only the model's layers are measured."""
+    helper = _net(seed=5)
+
+    class Uses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.hidden = _net(), [helper]   # in a list: not a submodule
+
+        def forward(self, x):
+            return self.net(x) + self.hidden[0](x).detach()
+    model, (x, y) = Uses(), _batch()
+    snap, _ = run(model, x, y)
+    alone, _ = run(model.net, x, y)
+    assert snap.layers == ["net." + n for n in alone.layers]
+    for k in gb.records.FIELDS:
+        assert getattr(snap, k).shape == getattr(alone, k).shape, k
+    np.testing.assert_allclose(snap.act_std, alone.act_std, rtol=1e-6)
