@@ -83,7 +83,7 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
         if level == "full":
             hooks.add()
         with torch.enable_grad(), kept_buffers(inv):
-            with torch.autocast(device, dtype=autocast, enabled=autocast is not None), seen or nullcontext():
+            with torch.autocast(device, dtype=autocast) if autocast is not None else nullcontext(), seen or nullcontext():
                 out = call(model, inputs)
                 loss = loss_of(out, targets, loss_fn) if backward else None
             if backward:
