@@ -58,8 +58,8 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
     the loss ``loss_fn(output, targets)`` (:func:`gradbook.batches.loss_of`) is back-propagated when it is
     finite (a non-finite loss is returned, not back-propagated: weight-gradient norms 0); without, only the
     forward pass runs (the gradient fields are None, the loss NaN). ``autocast``: the forward pass's dtype
-    under ``torch.autocast``. ``seen``: a context entered around the forward pass and the loss (a
-    :class:`gradbook.makeup.observe`). ``inventory``: the :class:`gradbook.records.Inventory` of the model
+    under ``torch.autocast``. ``seen``: a context entered around the forward pass (a
+    :class:`gradbook.makeup.observe`; the loss function is not part of the model it describes). ``inventory``: the :class:`gradbook.records.Inventory` of the model
     a DDP or ``torch.compile`` wrapper runs, if the caller has it (one walk over the modules less). The
     parameters' ``.grad`` and the buffers are left as they were. Hooks go on the modules of the model a
     DDP or ``torch.compile`` wrapper runs; the pass runs ``model``.
@@ -83,8 +83,9 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
         if level == "full":
             hooks.add()
         with torch.enable_grad(), kept_buffers(inv):
-            with torch.autocast(device, dtype=autocast) if autocast is not None else nullcontext(), seen or nullcontext():
-                out = call(model, inputs)
+            with torch.autocast(device, dtype=autocast) if autocast is not None else nullcontext():
+                with seen or nullcontext():   # the model's forward pass, not the loss function's
+                    out = call(model, inputs)
                 loss = loss_of(out, targets, loss_fn) if backward else None
             if backward:
                 value = float(loss.detach())

@@ -227,3 +227,28 @@ def test_observing_leaves_torch_as_it_found_it_even_when_the_forward_pass_raises
         model(torch.randn(3, 4))
     assert _get_current_function_mode() is None and seen.makeup.residual == 0
     assert not nn.modules.module._global_forward_pre_hooks and not nn.modules.module._global_forward_hooks
+
+
+def test_a_nonlinearity_in_the_loss_function_is_not_one_of_the_models():
+    """The make-up describes the model's forward pass: a sigmoid applied by ``loss_fn`` (binary cross-entropy
+    written by hand) is not a functional activation of the model, and a diagnosis does not say it is unmeasured;
+    the same sigmoid inside ``forward`` is one."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32, 1)).float()
+
+    def bce(out, target):
+        p = torch.sigmoid(out)
+        return -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    plain = gb.mlp(3, 8, "tanh", "xavier_normal", in_dim=8, out_dim=1)
+    ev = gb.measure.evidence(plain, x, y, bce)
+    assert ev.makeup.functional == {} and ev.makeup.unmeasured is None
+
+    class Inside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = gb.mlp(3, 8, "tanh", "xavier_normal", in_dim=8, out_dim=1)
+
+        def forward(self, x):
+            return torch.sigmoid(self.net(x))
+    ev = gb.measure.evidence(Inside(), x, y)
+    assert ev.makeup.functional == {"sigmoid": 1}
