@@ -138,9 +138,11 @@ def _init_gains(inv: Inventory, weight_norm) -> dict[str, float]:
     each layer's ``||W||`` (:func:`gradbook.records.weight_norms`) of the layers of ``inv``."""
     out = {}
     for (n, m), own, wn in zip(inv.layers, inv.weights, weight_norm):
-        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or m.weight.dim() < 2 or m.weight.numel() == 0:
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
-        w = m.weight
+        w = m.weight   # read once: a parameter is found by nn.Module.__getattr__, microseconds each time
+        if w.dim() < 2 or w.numel() == 0:
+            continue
         # ||W|| counts the weight alone unless it is frozen (then the layer's trainable tensors): recompute
         s = float(wn) ** 2 if len(own) == 1 and own[0] is w else float(norms([w.detach()])[0]) ** 2
         fan_in = w.numel() // w.shape[0] if isinstance(m, nn.Linear) or not m.transposed \
@@ -187,8 +189,8 @@ def describe(model: nn.Module, weight_norm=None, inventory: Inventory | None = N
         activation_types={type(m).__name__ for _, m, _ in inv.acts},
         unknown_activations=lists[_ACTIVATION],
         init_gain=_init_gains(inv, weight_norm),
-        low_precision=[n for n, p in inv.named_params if p.requires_grad and p.is_floating_point()
-                       and p.dtype.itemsize <= 2])
+        low_precision=[n for n, p in inv.named_params if p.dtype.itemsize <= 2 and p.requires_grad
+                       and p.is_floating_point()])
 
 
 def attention_logit(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> float | None:
