@@ -25,7 +25,7 @@ from .train import History, evaluate, fit
 from .transformers import transformer
 from .watch import watch
 
-__version__ = "0.3.2"
+__version__ = "0.4.0"
 __all__ = ["setup", "glue", "mlp", "rnn", "lstm", "watch", "gradients", "diagnose", "Diagnosis", "fit", "evaluate",
            "History", "Snapshot", "Trace", "activations", "attention", "batches", "book", "correlation", "data", "diagnosis",
            "diagrams", "distributed", "explorers", "export", "init", "makeup", "measure", "nets", "onepass", "plot", "precision",

@@ -71,7 +71,7 @@ from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
 from .measure import evidence
 from .onepass import kept_buffers
-from .records import LAYER_TYPES, Inventory, Trace, activation_modules, eager, layers, recurrent_modules, weight_norms
+from .records import LAYER_TYPES, Inventory, Trace, activation_modules, eager, is_recurrent, layers, weight_norms
 from .remedies import Remedy, cautions, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
@@ -157,16 +157,16 @@ class Diagnosis:
         return self.report()
 
 
-def _time_dim(model: nn.Module, inputs) -> int | None:
+def _time_dim(inv: Inventory, inputs) -> int | None:
     """The time axis of a sequence model's input (3-D float features, or 2-D integer tokens fed to an
-    embedding), or None for models that are not sequence models."""
+    embedding), or None for models that are not sequence models (``inv``: the model's inventory)."""
     if not isinstance(inputs, torch.Tensor):
         return None
     tokens = inputs.dim() == 2 and not inputs.is_floating_point() and any(
-        isinstance(m, nn.Embedding) for m in model.modules())
+        isinstance(m, nn.Embedding) for _, m in inv.modules)
     if not (tokens or (inputs.dim() == 3 and inputs.is_floating_point())):
         return None
-    rnns = recurrent_modules(model)
+    rnns = [m for _, m in inv.modules if is_recurrent(m)]
     if not rnns:
         return None
     return 0 if any(isinstance(m, nn.RNNBase) and not m.batch_first for m in rnns) else 1
@@ -217,7 +217,7 @@ def diagnose(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = 
     named = inv.layers
     if not named:
         raise ValueError("the model has no trainable Linear, Conv, RNN, attention or Embedding layer to diagnose")
-    dim = time_dim if time_dim is not None else _time_dim(model, inputs)
+    dim = time_dim if time_dim is not None else _time_dim(inv, inputs)
     ev = evidence(model, inputs, targets, loss_fn, time_dim=dim, autocast=autocast, inventory=inv)
     if not np.isfinite(ev.loss):
         return _nonfinite_loss(model, named, inputs, ev, lr, autocast)
