@@ -144,23 +144,26 @@ class StepHooks:
     def add(self) -> None:
         if self._step_handles:
             return
-        pre, post = {}, {}   # module -> its hooks
+        pre, post, modules = {}, {}, {}   # id(module) -> its hooks; id(module) -> module
         for i, (_, m) in enumerate(self._layers):
-            post.setdefault(m, []).append(self._layer_hook(i))
+            modules[id(m)] = m
+            post.setdefault(id(m), []).append(self._layer_hook(i))
         for j, (_, m, act) in enumerate(self._acts):
+            modules[id(m)] = m
             if getattr(m, "inplace", False) and act.name != "relu":   # its input is overwritten: read it before
-                pre.setdefault(m, []).append(self._act_input_hook(j, act))
-            post.setdefault(m, []).append(self._act_output_hook(j, None if m in pre else act))
+                pre.setdefault(id(m), []).append(self._act_input_hook(j, act))
+            post.setdefault(id(m), []).append(self._act_output_hook(j, None if id(m) in pre else act))
         if self._compiled:   # hooks on each module, which torch.compile sees and runs eagerly
-            self._step_handles += [m.register_forward_pre_hook(self._wrap(_chain(h))) for m, h in pre.items()]
-            self._step_handles += [m.register_forward_hook(self._wrap(_chain(h))) for m, h in post.items()]
+            wrap = self._wrap
+            self._step_handles += [modules[k].register_forward_pre_hook(wrap(_chain(h))) for k, h in pre.items()]
+            self._step_handles += [modules[k].register_forward_hook(wrap(_chain(h))) for k, h in post.items()]
             return
         # else one global hook each, passing over other modules: registering and removing a hook on each
         # of the benchmark MLP's 40 measured modules costs more than calling one on all its 81 modules
         for register, hooks in ((nn.modules.module.register_module_forward_pre_hook, pre),
                                 (nn.modules.module.register_module_forward_hook, post)):
             if hooks:
-                self._step_handles.append(register(_dispatch({id(m): _chain(h) for m, h in hooks.items()})))
+                self._step_handles.append(register(_dispatch({k: _chain(h) for k, h in hooks.items()})))
 
     def remove(self) -> None:
         for h in self._step_handles:
@@ -247,7 +250,13 @@ class StepHooks:
 
 def _chain(hooks: list[Callable]) -> Callable:
     """One module hook that calls ``hooks`` in order (they return None)."""
-    return hooks[0] if len(hooks) == 1 else lambda *args: [h(*args) for h in hooks] and None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def hook(*args):
+        for h in hooks:
+            h(*args)
+    return hook
 
 
 def _dispatch(hooks: dict[int, Callable]) -> Callable:
