@@ -59,10 +59,11 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
     finite (a non-finite loss is returned, not back-propagated: weight-gradient norms 0); without, only the
     forward pass runs (the gradient fields are None, the loss NaN). ``autocast``: the forward pass's dtype
     under ``torch.autocast``. ``seen``: a context entered around the forward pass (a
-    :class:`gradbook.makeup.observe`; the loss function is not part of the model it describes). ``inventory``: the :class:`gradbook.records.Inventory` of the model
-    a DDP or ``torch.compile`` wrapper runs, if the caller has it (one walk over the modules less). The
-    parameters' ``.grad`` and the buffers are left as they were. Hooks go on the modules of the model a
-    DDP or ``torch.compile`` wrapper runs; the pass runs ``model``.
+    :class:`gradbook.makeup.observe`; the loss function is not part of the model it describes).
+    ``inventory``: the :class:`gradbook.records.Inventory` of ``model`` (or of the model a DDP or
+    ``torch.compile`` wrapper runs), if the caller has it: one walk over the modules less. The parameters'
+    ``.grad`` and the buffers are left as they were. Hooks go on the modules of the model a DDP or
+    ``torch.compile`` wrapper runs; the pass runs ``model``.
     """
     choice("level", level, LEVELS)
     inner = dist.unwrap(model)
