@@ -282,7 +282,7 @@ def to_numpy(tensors: list[torch.Tensor]) -> list[np.ndarray]:
 
 
 def split_rows(rows: np.ndarray, n_layers: int, n_acts: int, full: bool) -> dict[str, np.ndarray | None]:
-    """The fields (:data:`gradbook.records.FIELDS`) of rows laid out by :meth:`Step.row`, each of shape
+    """The fields (:data:`FIELDS`) of rows laid out by :meth:`gradbook.probe.Step.row`, each of shape
     (rows, layers or activations); without ``full`` (``level="norms"``) only the weight-gradient norms."""
     L, (weight, grad) = n_layers, LAYER_FIELDS
     out = dict.fromkeys(FIELDS)
