@@ -222,7 +222,9 @@ def _diagnosis_floor(model, x, y) -> None:
     """Not a diagnosis: what any one-batch diagnosis by hooks must do, with no gradbook code. One forward and
     backward pass that reads each layer's output gradient (a tensor hook, one norm) and each activation
     module's output (its sum, norm, count of zeros and per-unit sums: mean, spread, saturated and dead
-    ReLU units), then one pass over the weight gradients and one over the weights, leaving ``.grad`` as it was."""
+    ReLU units), then one pass over the weight gradients and one over the weights, leaving ``.grad`` as it was.
+    It holds a second set of gradients beside the caller's while it runs (fresh memory: page faults);
+    ``gb.diagnose`` reads each weight gradient as it arrives and lets it go, and can cost less than this."""
     import torch
     from torch import nn
 

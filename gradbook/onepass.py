@@ -3,9 +3,12 @@ batch with the per-layer hooks of a recorded step and leaves the model as it fou
 
 It is what :mod:`gradbook.measure` and :func:`gradbook.diagnosis.diagnose` measure with. The hooks and
 the numbers are those of a step recorded by :class:`gradbook.watch.watch` (the hooks of
-:class:`gradbook.probe.StepHooks`; the weight-gradient norms of :func:`gradbook.records.weight_norms`, with
-FSDP's shards summed over the ranks), without a training loop's machinery: no step counting, no optimizer
-or scaler hooks, no spike detection, no exporters, no trace of many steps, no norm over every parameter.
+:class:`gradbook.probe.StepHooks`; each layer's weight-gradient norm), without a training loop's machinery:
+no step counting, no optimizer or scaler hooks, no spike detection, no exporters, no trace of many steps,
+no norm over every parameter. The weight gradients are read as the backward pass accumulates them and let
+go at once, so that the pass never holds a second set of gradients beside its caller's (under DDP or
+FSDP, or in several processes, they are read after the backward pass, FSDP's shards summed over the ranks
+by :func:`gradbook.distributed.squared_norms`).
 On a small model that machinery costs more than the hooks themselves (about 1 ms of the 20 ms a
 diagnosis takes on the benchmark's MLP).
 
@@ -26,7 +29,7 @@ from . import distributed as dist
 from ._checks import choice
 from .batches import call, loss_of
 from .probe import LEVELS, MEASURING, Step, StepHooks
-from .records import Inventory, Snapshot, split_rows, to_numpy, weight_norms
+from .records import Inventory, Snapshot, norms, split_rows, to_numpy, weight_norms
 
 __all__ = ["run", "kept_buffers"]
 
@@ -47,6 +50,41 @@ class kept_buffers:
         with torch.no_grad():
             for b, old in self.saved:
                 b.copy_(old)
+
+
+class _Taken:
+    """Each layer weight's gradient norm read as the backward pass accumulates it (still in cache), and the
+    gradient let go at once: a pass that holds a second set of gradients beside its caller's takes fresh
+    memory from the system (on the benchmark's MLP, about a thousand page faults per pass). ``weights``:
+    each layer's weight tensors; empty under DDP or FSDP (their gradients are final only after their own
+    hooks) or several processes, where every norm is read after the backward pass."""
+
+    def __init__(self, weights: list[list[torch.Tensor]]):
+        self.got: list[tuple[int, torch.Tensor]] = []   # (layer, norm)
+        owners: dict[int, tuple[torch.Tensor, list[int]]] = {}   # a weight tied between layers counts in each
+        for i, ws in enumerate(weights):
+            for w in ws:
+                owners.setdefault(id(w), (w, []))[1].append(i)
+        self.handles = [w.register_post_accumulate_grad_hook(self._hook(layers))
+                        for w, layers in owners.values() if not dist.is_sharded(w)]
+
+    def _hook(self, layers: list[int]):
+        def hook(w: torch.Tensor) -> None:
+            n = norms([w.grad.detach()])[0]
+            self.got += [(i, n) for i in layers]
+            w.grad = None
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def squared(self, n: int) -> np.ndarray:
+        """The sum of the squared norms taken, per layer (0 where none was)."""
+        if not self.got:
+            return np.zeros(n)
+        values = torch.stack([v for _, v in self.got]).cpu().numpy() ** 2
+        return np.bincount([i for i, _ in self.got], weights=values, minlength=n)
 
 
 def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None, *, level: str = "full",
@@ -91,8 +129,15 @@ def run(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = None,
             if backward:
                 value = float(loss.detach())
                 if np.isfinite(value):
-                    loss.backward()
-                step.weight = torch.from_numpy(weight_norms(inv, grads=True, squared=dist.squared_norms))
+                    taken = _Taken(inv.weights if inner is model and dist.world_size() == 1 else [])
+                    try:
+                        loss.backward()
+                    finally:
+                        taken.remove()
+                    later = weight_norms(inv, grads=True, squared=dist.squared_norms)   # those not taken
+                    step.weight = torch.from_numpy(np.sqrt(later ** 2 + taken.squared(len(named))))
+                else:
+                    step.weight = torch.zeros(len(named), dtype=torch.float64)
     finally:
         on[0] = False
         hooks.remove()

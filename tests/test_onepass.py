@@ -179,3 +179,30 @@ def test_modules_outside_the_model_are_passed_over():
     for k in gb.records.FIELDS:
         assert getattr(snap, k).shape == getattr(alone, k).shape, k
     np.testing.assert_allclose(snap.act_std, alone.act_std, rtol=1e-6)
+
+
+def test_weight_gradients_are_read_as_they_arrive_and_not_kept():
+    """Each weight's gradient norm is read when the backward pass accumulates it and the gradient let go at
+    once (no second set of gradients beside the caller's): the same norms as a plain backward pass, for a
+    weight tied between two layers (counted in each), a layer the loss does not reach (0) and a frozen one."""
+    torch.manual_seed(0)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.unused = nn.Embedding(12, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.frozen, self.out = nn.Linear(8, 8).requires_grad_(False), nn.Linear(8, 12, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(self.frozen(torch.tanh(self.mid(self.emb(x)))))
+    model, x = Tied(), torch.randint(0, 12, (4, 5))
+    y = torch.randint(0, 12, (4, 5))
+    seen = []   # when the tied weight's gradient arrives (the last), is mid's, read before, still held?
+    model.emb.weight.register_post_accumulate_grad_hook(lambda w: seen.append(model.mid.weight.grad))
+    snap, _ = run(model, x, y)
+    assert len(seen) == 1 and seen[0] is None
+    F.cross_entropy(model(x).reshape(-1, 12), y.reshape(-1)).backward()
+    expected = [float(m.weight.grad.norm()) if m.weight.grad is not None else 0.0 for _, m in gb.records.layers(model)]
+    assert snap.layers == ["emb", "mid", "unused", "out"] and expected[2] == 0.0
+    np.testing.assert_allclose(snap.weight_grad_norm, expected, rtol=1e-6)
