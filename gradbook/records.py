@@ -231,6 +231,13 @@ def output_tensors(out) -> list[torch.Tensor]:
 SAFE_RANGE = (1e-15, 1e15)
 
 
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse tensor, whose norm is the tensor's (duplicate COO entries summed first)."""
+    if t.layout == torch.strided:
+        return t
+    return t.coalesce().values() if t.layout == torch.sparse_coo else t.values()
+
+
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of each tensor (float64, on the tensors' device), accurate even for float32 gradients
     of 1e-20 or 1e20.
@@ -241,6 +248,8 @@ def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     in float64; on an accelerator every norm is taken in float64, which avoids a synchronisation.
     """
     lo, hi = SAFE_RANGE
+    if any(t.layout != torch.strided for t in tensors):   # a sparse gradient (nn.Embedding(sparse=True)): its values
+        tensors = [_values(t) for t in tensors]
     if torch.compiler.is_compiling():   # inside a torch.compile graph: no .item(), which would break it
         return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
     if len(tensors) == 1 and tensors[0].device.type == "cpu":   # the common case in a tensor hook
