@@ -71,7 +71,7 @@ from .profiles import crossing, log_change, log_points
 from .makeup import Makeup, describe
 from .measure import evidence
 from .onepass import kept_buffers
-from .records import LAYER_TYPES, Inventory, Trace, activation_modules, eager, is_recurrent, layers, weight_norms
+from .records import LAYER_TYPES, Inventory, Trace, activation_modules, eager, layers, recurrent_modules, weight_norms
 from .remedies import Remedy, cautions, prescribe
 from .theory import TRAINABLE_DEPTH_SCALES as THRESHOLD
 
@@ -166,7 +166,7 @@ def _time_dim(inv: Inventory, inputs) -> int | None:
         isinstance(m, nn.Embedding) for _, m in inv.modules)
     if not (tokens or (inputs.dim() == 3 and inputs.is_floating_point())):
         return None
-    rnns = [m for _, m in inv.modules if is_recurrent(m)]
+    rnns = recurrent_modules(inv)
     if not rnns:
         return None
     return 0 if any(isinstance(m, nn.RNNBase) and not m.batch_first for m in rnns) else 1

@@ -34,7 +34,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from . import activations as _acts
 from .attention import entropy
 from .records import LAYER_TYPES, Inventory, norms, output_tensors, weight_norms
 
@@ -55,21 +54,29 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNor
 _NOT_HIDDEN = (nn.MultiheadAttention, nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
 
 
-#: What :class:`observe` does with a module of the model (bit flags, from its class alone).
-_OVER, _SOFTMAX_MODULE, _ATTENTION, _NORM = 1, 2, 4, 8
+#: What :class:`observe` does with a module of the model, and what :func:`describe` lists it under (bit
+#: flags, from its class alone).
+_OVER, _SOFTMAX_MODULE, _ATTENTION, _NORM, _EMBEDDING, _RECURRENT, _GATED, _ACTIVATION = (1 << k for k in range(8))
 
 
 @functools.lru_cache(maxsize=None)
 def _kind(kind: type) -> int:
-    """What :class:`observe` does with a module of class ``kind``. ``_OVER``: it leaves its function mode
-    while the module runs: torch's own layers, normalizations, dropout and activation modules, inside which
-    nothing it looks for happens (a subclass defined elsewhere may add calls to its forward: it is watched).
-    ``_SOFTMAX_MODULE``, ``_ATTENTION``, ``_NORM``: an ``nn.Softmax``, an ``nn.MultiheadAttention``, a normalization."""
+    """What a module of class ``kind`` is to :class:`observe` and :func:`describe`. ``_OVER``: the mode is
+    left while the module runs: torch's own layers, normalizations, dropout and activation modules, inside
+    which nothing it looks for happens (a subclass defined elsewhere may add calls to its forward: it is
+    watched). ``_SOFTMAX_MODULE``, ``_ATTENTION``, ``_NORM``, ``_EMBEDDING``, ``_RECURRENT``, ``_GATED``: an
+    ``nn.Softmax``, an ``nn.MultiheadAttention``, a normalization, an embedding, a recurrent module
+    (:func:`gradbook.records.is_recurrent`), an LSTM or GRU; ``_ACTIVATION``: one of torch's activation
+    modules (the softmaxes and attention aside)."""
     torch_own = kind.__module__.startswith("torch.nn.modules.")
     over = torch_own and (issubclass(kind, LAYER_TYPES + _NORMS + (nn.modules.dropout._DropoutNd,))
                           or kind.__module__ == "torch.nn.modules.activation")
     return (_OVER * over | _SOFTMAX_MODULE * issubclass(kind, nn.Softmax)
-            | _ATTENTION * issubclass(kind, nn.MultiheadAttention) | _NORM * issubclass(kind, _NORMS))
+            | _ATTENTION * issubclass(kind, nn.MultiheadAttention) | _NORM * issubclass(kind, _NORMS)
+            | _EMBEDDING * issubclass(kind, (nn.Embedding, nn.EmbeddingBag))
+            | _RECURRENT * (issubclass(kind, nn.RNNBase) or callable(getattr(kind, "states", None)))
+            | _GATED * issubclass(kind, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell))
+            | _ACTIVATION * (kind.__module__ == "torch.nn.modules.activation" and not issubclass(kind, _NOT_HIDDEN)))
 
 
 @dataclass
@@ -151,20 +158,6 @@ def _init_gains(inv: Inventory, weight_norm) -> dict[str, float]:
     return out
 
 
-#: What :func:`describe` lists a module of a class under (bit flags, from its class alone).
-_EMBEDDING, _ATTENTION_MODULE, _RECURRENT, _GATED, _NORMALIZATION, _ACTIVATION = 1, 2, 4, 8, 16, 32
-
-
-@functools.lru_cache(maxsize=None)
-def _listed(kind: type) -> int:
-    return (_EMBEDDING * issubclass(kind, (nn.Embedding, nn.EmbeddingBag))
-            | _ATTENTION_MODULE * issubclass(kind, nn.MultiheadAttention)
-            | _RECURRENT * (issubclass(kind, nn.RNNBase) or callable(getattr(kind, "states", None)))
-            | _GATED * issubclass(kind, (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell))
-            | _NORMALIZATION * issubclass(kind, _NORMS)
-            | _ACTIVATION * (kind.__module__ == "torch.nn.modules.activation" and not issubclass(kind, _NOT_HIDDEN)))
-
-
 def describe(model: nn.Module, weight_norm=None, inventory: Inventory | None = None) -> Makeup:
     """The :class:`Makeup` that the modules of ``model`` show, without running it. ``weight_norm``: each
     layer's ||W|| (:func:`gradbook.records.weight_norms` of :func:`gradbook.records.layers`), and
@@ -174,18 +167,18 @@ def describe(model: nn.Module, weight_norm=None, inventory: Inventory | None = N
     if weight_norm is None:
         weight_norm = weight_norms(inv)
     known = {id(m) for _, m, _ in inv.acts}
-    lists: dict[int, list[str]] = {_EMBEDDING: [], _ATTENTION_MODULE: [], _NORMALIZATION: [], _ACTIVATION: []}
+    lists: dict[int, list[str]] = {_EMBEDDING: [], _ATTENTION: [], _NORM: [], _ACTIVATION: []}
     flags = 0
     for n, m in inv.modules:
-        kind = _listed(type(m))
+        kind = _kind(type(m))
         if kind:
             flags |= kind
             for bit, names in lists.items():
                 if kind & bit and not (bit == _ACTIVATION and id(m) in known):
                     names.append(f"{type(m).__name__} ({n})" if bit == _ACTIVATION else n)
     return Makeup(
-        embeddings=lists[_EMBEDDING], attention=lists[_ATTENTION_MODULE],
-        recurrent=bool(flags & _RECURRENT), gated=bool(flags & _GATED), norms=lists[_NORMALIZATION],
+        embeddings=lists[_EMBEDDING], attention=lists[_ATTENTION],
+        recurrent=bool(flags & _RECURRENT), gated=bool(flags & _GATED), norms=lists[_NORM],
         activation_types={type(m).__name__ for _, m, _ in inv.acts},
         unknown_activations=lists[_ACTIVATION],
         init_gain=_init_gains(inv, weight_norm),

@@ -25,7 +25,7 @@ from ._checks import choice
 from .batches import check_batch, default_loss
 from .makeup import Makeup, observe
 from .onepass import kept_buffers, run
-from .records import Inventory, Snapshot, eager, layers, output_tensor, weight_norms, weight_tensors
+from .records import Inventory, Snapshot, eager, output_tensor, weight_norms, weight_tensors
 
 __all__ = ["gradients", "activations", "capture", "stream", "Stream", "through_time", "input_gradients",
            "measured_factors", "factor_per_layer", "jacobian_singular_values", "random_direction",

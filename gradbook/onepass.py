@@ -5,12 +5,13 @@ It is what :mod:`gradbook.measure` and :func:`gradbook.diagnosis.diagnose` measu
 the numbers are those of a step recorded by :class:`gradbook.watch.watch` (the hooks of
 :class:`gradbook.probe.StepHooks`; each layer's weight-gradient norm), without a training loop's machinery:
 no step counting, no optimizer or scaler hooks, no spike detection, no exporters, no trace of many steps,
-no norm over every parameter. The weight gradients are read as the backward pass accumulates them and let
-go at once, so that the pass never holds a second set of gradients beside its caller's (under DDP or
-FSDP, or in several processes, they are read after the backward pass, FSDP's shards summed over the ranks
-by :func:`gradbook.distributed.squared_norms`).
-On a small model that machinery costs more than the hooks themselves (about 1 ms of the 20 ms a
-diagnosis takes on the benchmark's MLP).
+no norm over every parameter. On a small model that machinery costs more than the hooks themselves (about
+1 ms of the 20 ms a diagnosis took on the benchmark's MLP).
+
+The weight gradients are read as the backward pass accumulates them and let go at once, so that the pass
+never holds a second set of gradients beside its caller's (under DDP or FSDP, or in several processes,
+they are read after the backward pass, FSDP's shards summed over the ranks by
+:func:`gradbook.distributed.squared_norms`).
 
 A watch attached to the same model ignores the pass: the model is listed in
 :data:`gradbook.probe.MEASURING` while it runs, so a diagnosis in the middle of a watched training run

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import activations as _acts
 from . import distributed as dist
-from .records import ACTIVATION_FIELDS, FIELDS, SAFE_RANGE, Trace, norms, output_tensor
+from .records import SAFE_RANGE, Trace, norms, output_tensor
 from .spikes import Spike
 
 __all__ = ["LEVELS", "MEASURING", "Step", "StepHooks", "GradNorms", "Updates", "WatchTrace",

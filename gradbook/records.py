@@ -95,7 +95,13 @@ class Trace(Fields):
 
 def is_layer(module: nn.Module) -> bool:
     """Whether gradbook measures ``module`` as a layer: one of :data:`LAYER_TYPES` with a trainable parameter of its own."""
-    return isinstance(module, LAYER_TYPES) and any(p.requires_grad for p in module.parameters(recurse=False))
+    return isinstance(module, LAYER_TYPES) and any(p.requires_grad for _, p in _own(module))
+
+
+def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's own (name, parameter) pairs, as ``module.named_parameters(recurse=False)`` lists them, read
+    from its parameter dictionary without a generator (a third of a walk's cost when done for every module)."""
+    return [(n, p) for n, p in module._parameters.items() if p is not None] if module._parameters else []
 
 
 class Inventory:
@@ -123,9 +129,7 @@ class Inventory:
                 if b is not None and id(b) not in seen:
                     seen.add(id(b))
                     self.buffers.append(b)
-            # a module's own parameters, as m.named_parameters(recurse=False) lists them, without a generator
-            # per module (a third of a walk's cost)
-            own = [(n, p) for n, p in m._parameters.items() if p is not None] if m._parameters else ()
+            own = _own(m)
             for n, p in own:
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -161,7 +165,7 @@ def eager(model: nn.Module) -> nn.Module:
 
 def weight_tensors(module: nn.Module) -> list[torch.Tensor]:
     """A layer's trainable weight tensors (parameters whose name contains 'weight'; all if none)."""
-    return _weights([(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad])
+    return _weights([(n, p) for n, p in _own(module) if p.requires_grad])
 
 
 def _weights(own: list) -> list[torch.Tensor]:
@@ -203,9 +207,10 @@ def is_recurrent(module: nn.Module) -> bool:
     return isinstance(module, nn.RNNBase) or callable(getattr(type(module), "states", None))
 
 
-def recurrent_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's recurrent modules (:func:`is_recurrent`)."""
-    return [m for m in model.modules() if is_recurrent(m)]
+def recurrent_modules(model) -> list[nn.Module]:
+    """The model's recurrent modules (:func:`is_recurrent`). ``model``: a module, the list of its
+    ``named_modules()`` or its :class:`Inventory`."""
+    return [m for _, m in (model.modules if isinstance(model, Inventory) else _named(model)) if is_recurrent(m)]
 
 
 def output_tensor(out) -> torch.Tensor | None:
